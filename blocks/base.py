@@ -1,0 +1,175 @@
+"""The contract every primitive block follows.
+
+A block is a pydantic model (its validated configuration, one per node of a spec) plus a pure function
+from its inputs and state to its output and new state. Blocks never see layouts, devices or compile:
+they receive flat tensors for one *bucket* (the parameters of one group that share a graph, device and
+dtype, stored back to back) and a :class:`BlockContext` that knows how that flat tensor splits into
+parameters. Anything that is not elementwise goes through the context (``segment_sum``, ``views``,
+``expand``), so the back end decides how reductions and matrix work are scheduled.
+
+Scalar fields (``beta``, ``eps``, ...) accept a number or an expression over the spec's hyperparameters,
+e.g. ``$betas[1]`` or ``1 - $momentum``; :meth:`BlockContext.value` turns them into numbers or 0-d tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from opdsl.expr import Expr
+from opdsl.scalars import Condition, Scalar, ScalarRange, condition_fields, scalar, scalar_ranges
+
+if TYPE_CHECKING:  # pragma: no cover
+    from opdsl.compiled.context import BlockContext
+
+__all__ = [
+    "Block",
+    "BlockContext",
+    "Ref",
+    "Condition",
+    "Scalar",
+    "scalar",
+    "ScalarRange",
+    "Scope",
+    "StateKind",
+    "StateSpec",
+    "Tensors",
+]
+
+Tensors = dict[str, torch.Tensor]
+
+#: A reference to a block input: ``grad``, ``param``, another node's name, or ``node@prev`` (that node's
+#: primary state as it was *before* this step).
+Ref = str
+
+
+class Scope(str, Enum):
+    """How far a block looks: the back end plans reductions from this."""
+
+    ELEMENTWISE = "elementwise"
+    SUBSET = "subset"  # reductions inside parts of one tensor (rows, columns, chunks)
+    TENSOR = "tensor"  # one reduction (or one matrix operation) per parameter tensor
+    GLOBAL = "global"  # one reduction over every parameter the graph owns, across buckets
+
+
+class StateKind(str, Enum):
+    ELEMENTWISE = "elementwise"  # one flat buffer shaped like the bucket's parameters
+    TENSOR = "tensor"  # one tensor per parameter, shape given by ``StateSpec.shape``
+    SCALAR = "scalar"  # one 0-d tensor per bucket (identical across buckets for global blocks)
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """What a block keeps between steps.
+
+    ``shape`` (TENSOR kind only) maps a parameter's shape to the state's shape; ``dtype`` None means the
+    parameters' dtype. ``init`` is the constant the state starts from.
+    """
+
+    kind: StateKind
+    init: float = 0.0
+    shape: Callable[[torch.Size], tuple[int, ...]] | None = None
+    dtype: torch.dtype | None = None
+
+
+class Block(BaseModel):
+    """Base class of every block. Subclasses declare ``block: Literal["name"]`` and their fields.
+
+    Class attributes a subclass may set:
+    - ``PORTS``: names of the fields that reference other nodes (inputs of the block).
+    - ``PRIMARY_STATE``: the state that ``node@prev`` reads and that ``describe`` shows first.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, arbitrary_types_allowed=True)
+
+    block: str
+    when: Condition | None = Field(
+        default=None,
+        alias="if",
+        description="Build-time condition over hyperparameters; when false the node passes `else` (default: `input`) through.",
+    )
+    otherwise: Ref | None = Field(
+        default=None, alias="else", description="What the node outputs when its `if:` is false (default: its `input`)."
+    )
+
+    PORTS: ClassVar[tuple[str, ...]] = ("input",)
+    PRIMARY_STATE: ClassVar[str | None] = None
+
+    # ---- declarations -------------------------------------------------------------------------------
+    def scope(self) -> Scope:
+        return Scope.ELEMENTWISE
+
+    def state_specs(self) -> dict[str, StateSpec]:
+        return {}
+
+    def check_shape(self, shape: torch.Size) -> str | None:
+        """Return why a parameter of this shape cannot pass through this block, or None."""
+        return None
+
+    def conditions(self) -> list[tuple[str, Any]]:
+        """(field, value) of every build-time condition, ``if`` first."""
+        return [(name, getattr(self, name)) for name in condition_fields(type(self))]
+
+    def decided(self, decide: Callable[[Any], bool]) -> "Block":
+        """A copy with every build-time condition except ``if`` replaced by its decision."""
+        updates = {name: decide(value) for name, value in self.conditions() if name != "when" and isinstance(value, Expr)}
+        return self.model_copy(update=updates) if updates else self
+
+    def inputs(self) -> dict[str, Ref]:
+        """Port name -> reference, for every port that is set (``else`` included, for graph checks)."""
+        out = {}
+        for port in self.PORTS:
+            ref = getattr(self, port)
+            if ref is not None:
+                out[port] = ref
+        if self.otherwise is not None:
+            out["else"] = self.otherwise
+        return out
+
+    def scalar_fields(self) -> Iterable[tuple[str, Scalar]]:
+        for name in type(self).model_fields:
+            if name == "when":
+                continue
+            value = getattr(self, name)
+            if isinstance(value, (Expr, float, int)) and not isinstance(value, bool):
+                yield name, value
+            elif isinstance(value, tuple) and any(isinstance(v, Expr) for v in value):
+                for i, v in enumerate(value):
+                    yield f"{name}[{i}]", v
+
+    def check_values(self, evaluate: Callable[[Scalar], Any]) -> list[str]:
+        """Range-check every scalar field at concrete hyperparameter values; returns the messages."""
+        problems = []
+        for name, rng in scalar_ranges(type(self)).items():
+            raw = getattr(self, name)
+            if raw is None:
+                continue
+            value = evaluate(raw)
+            message = rng.violation(float(value))
+            if message:
+                source = f" (= {raw})" if isinstance(raw, Expr) else ""
+                problems.append(f"field '{name}'{source} is {float(value):g}; {message}")
+        return problems
+
+    # ---- the math -----------------------------------------------------------------------------------
+    def reduce(self, ctx: "BlockContext", x: Tensors, state: Tensors) -> Tensors:
+        """GLOBAL blocks only: partial sums over this bucket; the engine adds them over every bucket."""
+        raise NotImplementedError
+
+    def forward(
+        self, ctx: "BlockContext", x: Tensors, state: Tensors, totals: Tensors | None = None
+    ) -> tuple[torch.Tensor, Tensors]:
+        """Return (output, new state). ``x`` maps port -> flat tensor; ``state`` maps name -> tensor."""
+        raise NotImplementedError
+
+
+def finite_or_zero(value: torch.Tensor) -> torch.Tensor:
+    """Replace non-finite entries by zero (used where a 0/0 guard is part of the math)."""
+    return torch.where(torch.isfinite(value), value, torch.zeros_like(value))
+
+
+def power(x: torch.Tensor, p: int) -> torch.Tensor:
+    return x if p == 1 else x * x if p == 2 else x.pow(p)

@@ -1,0 +1,43 @@
+"""Exponential moving average (momentum) of an input or of its square.
+
+    m_t = beta * m_{t-1} + w * x_t^p          w defaults to (1 - beta): an EMA (torch Adam's ``lerp``)
+    m_1 = x_1^p            when init = first  (torch SGD's momentum buffer starts at the gradient)
+
+``w = 1`` with ``init: first`` is torch.optim.SGD's momentum with dampening 0 (``w = 1 - dampening``);
+``p = 2`` gives second moments (RMSprop, Adam's v). The state ``value`` is what ``node@prev`` reads.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from opdsl.blocks.base import Block, Ref, StateKind, StateSpec, power, scalar
+from opdsl.blocks.scalar_ops import as_weight
+
+
+class EMA(Block):
+    """m <- beta*m + weight*input^power (weight defaults to 1 - beta)."""
+
+    block: Literal["ema"]
+    input: Ref = "grad"
+    beta: scalar(ge=0.0, le=1.0)
+    weight: scalar(ge=0.0) | None = None
+    power: Literal[1, 2] = 1
+    init: Literal["zero", "first"] = "zero"
+
+    PRIMARY_STATE = "value"
+
+    def state_specs(self) -> dict[str, StateSpec]:
+        return {"value": StateSpec(StateKind.ELEMENTWISE)}
+
+    def forward(self, ctx, x, state, totals=None):
+        m, g = state["value"], power(x["input"], self.power)
+        beta = ctx.value(self.beta)
+        if self.weight is None:
+            new = torch.lerp(m, g, as_weight(1 - beta, m))
+        else:
+            new = m * as_weight(beta, m) + g * as_weight(ctx.value(self.weight), m)
+        if self.init == "first":
+            new = torch.where(ctx.step == 1, g, new)
+        return new, {"value": new}

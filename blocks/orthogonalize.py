@@ -1,0 +1,77 @@
+"""Orthogonalize each matrix with a quintic Newton-Schulz iteration (Muon; Jordan et al. 2024).
+
+For each parameter viewed as a matrix G (rows x cols; ndim > 2 is flattened to (rows, -1)):
+
+    X_0 = G / max(||G||_F, eps)          (normalize: clamp, torch.optim.Muon)  or  G / (||G||_F + eps)  (add, Keller's)
+    X_{k+1} = a X_k + (b A_k + c A_k^2) X_k,   A_k = X_k X_k^T,   (a, b, c) = (3.4445, -4.7750, 2.0315)
+
+computed on the transpose when rows > cols, in ``dtype`` (bfloat16 by default, as Muon does), and cast
+back. The result approximates U V^T of G = U S V^T. Matrices of one shape are stacked and run as one
+batched iteration, so a transformer's many same-shape weights cost a few large matmuls.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from opdsl.blocks.base import Block, Ref, Scope
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+
+
+def newton_schulz(
+    g: torch.Tensor, steps: int, coefficients: tuple[float, float, float], eps: float, normalize: str
+) -> torch.Tensor:
+    """Batched NS over a stack of matrices ``g`` of shape [k, rows, cols] (already in compute dtype)."""
+    a, b, c = coefficients
+    x = g.mT if g.size(-2) > g.size(-1) else g
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
+    x = x / (norm.clamp(min=eps) if normalize == "clamp" else norm + eps)
+    if x.size(0) == 1:  # one matrix: the same addmm calls as torch.optim.Muon, so bf16 rounding matches
+        x = x[0]
+        for _ in range(steps):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        x = x.unsqueeze(0)
+    else:
+        for _ in range(steps):
+            gram = x @ x.mT
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if g.size(-2) > g.size(-1) else x
+
+
+class Orthogonalize(Block):
+    """Newton-Schulz orthogonalization per matrix."""
+
+    block: Literal["orthogonalize"]
+    input: Ref
+    steps: int = 5
+    coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+    eps: float = 1e-7
+    normalize: Literal["clamp", "add"] = "clamp"
+    dtype: Literal["bfloat16", "float16", "float32", "float64", "input"] = "bfloat16"
+
+    def scope(self) -> Scope:
+        return Scope.TENSOR
+
+    def check_shape(self, shape: torch.Size) -> str | None:
+        if len(shape) < 2:
+            return "orthogonalize needs a matrix (ndim >= 2); route 1-D parameters to another graph with `groups`"
+        return None
+
+    def forward(self, ctx, x, state, totals=None):
+        flat = x["input"]
+        views = ctx.views(flat)
+        matrices = [v.reshape(v.shape[0], -1) for v in views]
+        dtype = flat.dtype if self.dtype == "input" else _DTYPES[self.dtype]
+        out: list[torch.Tensor | None] = [None] * len(views)
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, m in enumerate(matrices):
+            by_shape.setdefault(tuple(m.shape), []).append(i)
+        for indices in by_shape.values():
+            stack = torch.stack([matrices[i] for i in indices]).to(dtype)
+            result = newton_schulz(stack, self.steps, self.coefficients, self.eps, self.normalize).to(flat.dtype)
+            for j, i in enumerate(indices):
+                out[i] = result[j]
+        return ctx.concat(out), {}

@@ -1,0 +1,76 @@
+"""What a block sees of the back end while it runs on one bucket.
+
+Blocks compute on flat tensors; the context turns scalar fields into numbers or 0-d tensors and gives
+the segment-level operations (per-parameter views, per-parameter sums, broadcasting per-parameter values
+back over the flat layout). Everything here is traceable by torch.compile and free of host syncs.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from opdsl.compiled.layout import Segment
+from opdsl.expr import Expr
+
+__all__ = ["BlockContext"]
+
+
+class BlockContext:
+    """One bucket's view of the step: its segments, hyperparameters and the 1-based step count ``t``."""
+
+    def __init__(
+        self,
+        segments: Sequence[Segment],
+        env: Mapping[str, Any],
+        step: torch.Tensor,
+        param: torch.Tensor,
+        numel: int,
+    ):
+        self.segments = tuple(segments)
+        self.env = env
+        self.step = step  # 0-d float64 tensor: t, already incremented for this step
+        self.param = param
+        self.numel = numel
+
+    # ---- scalars ------------------------------------------------------------------------------------
+    def value(self, field: float | Expr | None) -> Any:
+        """A literal stays a Python float (baked into the compiled step); an expression becomes a 0-d tensor."""
+        if isinstance(field, Expr):
+            return field.evaluate(self.env)
+        return field
+
+    def hyper(self, name: str) -> Any:
+        return self.env[name]
+
+    # ---- layout-aware operations --------------------------------------------------------------------
+    @property
+    def shapes(self) -> list[torch.Size]:
+        return [s.shape for s in self.segments]
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per-parameter views (parameter shapes) of a flat tensor laid out like the bucket."""
+        return [flat[s.offset : s.end].view(s.shape) for s in self.segments]
+
+    def concat(self, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Inverse of :meth:`views`: one flat tensor from per-parameter pieces (in segment order)."""
+        if len(pieces) == 1:
+            return pieces[0].reshape(-1)
+        return torch.cat([p.reshape(-1) for p in pieces])
+
+    def segment_sum(self, flat: torch.Tensor) -> torch.Tensor:
+        """Sum of each parameter's slice: shape ``[n_params]``."""
+        if len(self.segments) == 1:
+            return flat.sum().reshape(1)
+        return torch.stack([flat[s.offset : s.end].sum() for s in self.segments])
+
+    def expand(self, per_segment: torch.Tensor) -> torch.Tensor:
+        """Broadcast one value per parameter back over the flat layout."""
+        if len(self.segments) == 1:
+            return per_segment.reshape(())
+        sizes = torch.tensor([s.numel for s in self.segments], device=per_segment.device)
+        return torch.repeat_interleave(per_segment, sizes, output_size=self.numel)
+
+    def per_segment(self, values: Sequence[float]) -> torch.Tensor:
+        """A ``[n_params]`` tensor of Python constants (shape-dependent factors)."""
+        return torch.tensor(list(values), device=self.param.device, dtype=self.param.dtype)

@@ -1,0 +1,113 @@
+"""Flat buffers: the parameters of one bucket live back to back in one tensor, and so do their grads.
+
+Each ``p.data`` becomes a view into the bucket's parameter buffer and each ``p.grad`` a view into its
+gradient buffer, so an elementwise chain over a whole bucket is one kernel and autograd accumulates
+straight into the buffer. When a user replaces or clears a ``.grad`` (``model.zero_grad()`` sets them
+to None), :meth:`FlatBuffers.gather_grads` copies it back in before the step and re-installs the view.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Segment", "FlatBuffers"]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Where one parameter sits inside its bucket's flat buffer."""
+
+    offset: int
+    numel: int
+    shape: torch.Size
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.numel
+
+
+def plan_segments(shapes: list[torch.Size]) -> tuple[Segment, ...]:
+    segments, offset = [], 0
+    for shape in shapes:
+        numel = shape.numel()
+        segments.append(Segment(offset, numel, torch.Size(shape)))
+        offset += numel
+    return tuple(segments)
+
+
+class FlatBuffers:
+    """Owns one bucket's parameter and gradient buffers and keeps every parameter a view of them."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        if not params:
+            raise ValueError("a bucket needs at least one parameter")
+        first = params[0]
+        self.params = params
+        self.segments = plan_segments([p.shape for p in params])
+        self.numel = self.segments[-1].end if self.segments else 0
+        self.device, self.dtype = first.device, first.dtype
+        with torch.no_grad():
+            self.param = torch.empty(self.numel, device=self.device, dtype=self.dtype)
+            self.grad = torch.zeros(self.numel, device=self.device, dtype=self.dtype)
+            for p, seg in zip(params, self.segments):
+                self.param[seg.offset : seg.end].copy_(p.detach().reshape(-1))
+        self._grad_views = [self.grad[s.offset : s.end].view(s.shape) for s in self.segments]
+        self._grad_ptrs = [v.data_ptr() for v in self._grad_views]
+        for p, seg in zip(params, self.segments):
+            p.data = self.param[seg.offset : seg.end].view(seg.shape)
+        self._param_ptrs = [p.data_ptr() for p in params]
+        self.install_grad_views(keep_values=True)
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[s.offset : s.end].view(s.shape) for s in self.segments]
+
+    def install_grad_views(self, keep_values: bool) -> None:
+        """Point every ``p.grad`` at its slice of the gradient buffer (copying a foreign grad in first)."""
+        with torch.no_grad():
+            for p, view in zip(self.params, self._grad_views):
+                if p.grad is not None and p.grad is not view and keep_values:
+                    view.copy_(p.grad.reshape(view.shape))
+                p.grad = view
+
+    def gather_grads(self) -> list[int] | None:
+        """Make the gradient buffer hold every ``p.grad``; return indices of params whose grad is None.
+
+        The common case (grads are still our views) costs one pointer comparison per parameter.
+        """
+        missing: list[int] = []
+        for i, (p, ptr) in enumerate(zip(self.params, self._grad_ptrs)):
+            g = p.grad
+            if g is not None and g.data_ptr() == ptr and g.shape == p.shape:
+                continue
+            view = self._grad_views[i]
+            with torch.no_grad():
+                if g is None:
+                    view.zero_()
+                    missing.append(i)
+                else:
+                    if g.is_sparse:
+                        raise RuntimeError(
+                            f"parameter {i} of a bucket has a sparse gradient; opdsl supports dense gradients only"
+                        )
+                    view.copy_(g.reshape(view.shape))
+            p.grad = view
+        return missing or None
+
+    def zero_grad(self, set_to_none: bool) -> None:
+        if set_to_none:
+            for p in self.params:
+                p.grad = None
+        else:
+            self.grad.zero_()
+            self.install_grad_views(keep_values=False)
+
+    def check_params_still_views(self) -> None:
+        """Refuse to step if a user re-assigned ``p.data`` (the flat buffer would silently stop updating it)."""
+        for i, (p, ptr, seg) in enumerate(zip(self.params, self._param_ptrs, self.segments)):
+            if p.data_ptr() != ptr or p.shape != seg.shape:
+                raise RuntimeError(
+                    f"parameter {i} (shape {tuple(p.shape)}) no longer points into the optimizer's flat buffer "
+                    "(its .data was re-assigned or the module was moved to another device/dtype after the "
+                    "optimizer was built); build the optimizer after moving the model"
+                )

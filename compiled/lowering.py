@@ -1,0 +1,238 @@
+"""Lowering: bound graphs become one step function over flat buffers.
+
+A :class:`Program` is one graph as it runs for one bucket: build-time ``if:`` conditions are decided
+(a disabled node passes its ``input`` through), references are resolved, and state keys are fixed as
+``node.state``. :func:`build_step` turns all programs into a single function that
+
+1. checks the gradients are finite (``on_nonfinite='skip'``: a bad step leaves everything untouched,
+   decided on the device, with no host sync),
+2. runs every graph node by node across its buckets (a GLOBAL block's partial sums are added over all
+   buckets of its graph before its forward runs: one reduction the back end knows statically),
+3. applies ``param <- param - lr * output`` and writes the new states in place.
+
+The same function runs eagerly or under torch.compile (:mod:`opdsl.compiled.fusion`).
+
+Step counts and SCALAR states are stored with shape (1,) and handed to blocks as 0-d views: torch 2.13's
+inductor drops in-place writes to 0-d float64 CPU inputs of a compiled function.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from opdsl.blocks.base import Block, Scope, StateKind, StateSpec
+from opdsl.compiled.context import BlockContext
+from opdsl.compiled.layout import Segment
+from opdsl.graph import Reference, execution_order, parse_ref
+from opdsl.spec import GraphSpec
+
+__all__ = ["NodeStep", "Program", "Source", "build_program", "build_step", "state_key", "BucketArgs"]
+
+
+def state_key(node: str, name: str) -> str:
+    return f"{node}.{name}"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an input comes from: a value computed this step, or a state as it was before the step."""
+
+    key: str
+    from_state: bool = False
+    scalar: bool = False  # a SCALAR state, stored as (1,) and read as 0-d
+
+
+@dataclass(frozen=True)
+class NodeStep:
+    name: str
+    block: Block
+    inputs: tuple[tuple[str, Source], ...]
+    states: tuple[tuple[str, StateSpec], ...]
+
+
+@dataclass(frozen=True)
+class Program:
+    """One graph, specialised for one bucket's build-time conditions."""
+
+    graph_name: str
+    steps: tuple[NodeStep, ...]
+    output: Source
+    disabled: tuple[str, ...] = ()
+
+    @property
+    def state_specs(self) -> dict[str, StateSpec]:
+        return {state_key(s.name, k): spec for s in self.steps for k, spec in s.states}
+
+
+def build_program(graph_name: str, graph: GraphSpec, decide: Callable[[Any], bool]) -> Program:
+    """Decide each node's build-time conditions with ``decide`` and resolve pass-throughs of disabled nodes."""
+    alias: dict[str, Reference] = {}
+    steps, disabled = [], []
+
+    def resolve(ref: Reference) -> Reference:
+        while not ref.prev and ref.node in alias:
+            ref = alias[ref.node]
+        return ref
+
+    def source(ref: Reference, reader: str) -> Source:
+        if not ref.prev:
+            return Source(ref.node)
+        if ref.node in disabled:
+            raise ValueError(f"{reader!r} reads {ref}, but node {ref.node!r} is disabled by its `if:`")
+        owner = graph.nodes[ref.node]
+        kind = owner.state_specs()[owner.PRIMARY_STATE].kind
+        return Source(state_key(ref.node, owner.PRIMARY_STATE), from_state=True, scalar=kind is StateKind.SCALAR)
+
+    for name in execution_order(graph):
+        block = graph.nodes[name]
+        if block.when is not None and not decide(block.when):
+            passed = block.otherwise or block.inputs().get("input")
+            if passed is None:
+                raise ValueError(f"node {name!r} is disabled by its `if:` but has no `input` or `else` to pass through")
+            alias[name] = resolve(parse_ref(passed))
+            disabled.append(name)
+            continue
+        block = block.decided(decide)
+        inputs = tuple(
+            (port, source(resolve(parse_ref(ref)), name)) for port, ref in block.inputs().items() if port != "else"
+        )
+        steps.append(NodeStep(name, block, inputs, tuple(block.state_specs().items())))
+    return Program(graph_name, tuple(steps), source(resolve(parse_ref(graph.output)), "output"), tuple(disabled))
+
+
+@dataclass
+class BucketArgs:
+    """The static (non-tensor) facts about one bucket that the step function closes over."""
+
+    program: Program
+    segments: tuple[Segment, ...]
+    numel: int
+    group_index: int
+
+
+@dataclass
+class _Run:
+    ctx: BlockContext
+    values: dict[str, torch.Tensor]
+    state: Mapping[str, Any]
+    new_state: dict[str, Any] = field(default_factory=dict)
+
+
+StepFn = Callable[..., Any]
+
+
+def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
+    """The whole optimizer step as one function of tensors (all static structure is closed over).
+
+    Arguments of the returned function: ``params, grads, states, steps, envs, actives`` (lists aligned
+    with ``buckets``); ``actives[i]`` is None or a bool tensor [n_params] (False = grad was None).
+    Returns a 0-d bool tensor: whether the step was applied.
+    """
+    by_graph: dict[str, list[int]] = {}
+    for i, b in enumerate(buckets):
+        by_graph.setdefault(b.program.graph_name, []).append(i)
+    node_order = {
+        g: _merged_order([buckets[i].program for i in idx]) for g, idx in by_graph.items()
+    }
+
+    def step(params, grads, states, steps, envs, actives):
+        ok = None
+        if check_finite:
+            flags = [torch.isfinite(g).all() for g in grads]
+            ok = flags[0] if len(flags) == 1 else torch.stack(flags).all()
+        runs: list[_Run] = []
+        for i, b in enumerate(buckets):
+            t = steps[i].reshape(()) + 1
+            env = dict(envs[i])
+            env["step"] = t
+            ctx = BlockContext(b.segments, env, t, params[i], b.numel)
+            runs.append(_Run(ctx, {"grad": grads[i], "param": params[i]}, states[i]))
+        for graph_name, members in by_graph.items():
+            for node in node_order[graph_name]:
+                active = [(i, s) for i in members for s in buckets[i].program.steps if s.name == node]
+                if not active:
+                    continue
+                block = active[0][1].block
+                totals = None
+                if block.scope() is Scope.GLOBAL:
+                    partials = [block.reduce(runs[i].ctx, _inputs(runs[i], s), _node_state(runs[i], s)) for i, s in active]
+                    totals = {k: sum(p[k] for p in partials) for k in partials[0]}
+                for i, s in active:
+                    run = runs[i]
+                    out, new = s.block.forward(run.ctx, _inputs(run, s), _node_state(run, s), totals)
+                    run.values[s.name] = out
+                    for key, value in new.items():
+                        run.new_state[state_key(s.name, key)] = value
+        for i, (b, run) in enumerate(zip(buckets, runs)):
+            update = _read(run, b.program.output)
+            lr = run.ctx.env["lr"]
+            new_param = params[i] - lr * update
+            keep = _keep_mask(ok, actives[i], run.ctx)
+            _write(params[i], new_param, keep)
+            for key, new in run.new_state.items():
+                _write_state(states[i][key], new, keep, ok, actives[i], b.program.state_specs[key].kind, run.ctx)
+            advanced = run.ctx.step if ok is None else torch.where(ok, run.ctx.step, steps[i].reshape(()))
+            steps[i].copy_(advanced.reshape(steps[i].shape))
+        return ok if ok is not None else torch.ones((), dtype=torch.bool, device=params[0].device)
+
+    return step
+
+
+def _merged_order(programs: Sequence[Program]) -> list[str]:
+    order: list[str] = []
+    for program in programs:
+        for s in program.steps:
+            if s.name not in order:
+                order.append(s.name)
+    return order
+
+
+def _read(run: _Run, src: "Source") -> torch.Tensor:
+    if not src.from_state:
+        return run.values[src.key]
+    value = run.state[src.key]
+    return value.reshape(()) if src.scalar else value
+
+
+def _inputs(run: _Run, s: NodeStep) -> dict[str, torch.Tensor]:
+    return {port: _read(run, ref) for port, ref in s.inputs}
+
+
+def _node_state(run: _Run, s: NodeStep) -> dict[str, Any]:
+    out = {}
+    for name, spec in s.states:
+        value = run.state[state_key(s.name, name)]
+        out[name] = value.reshape(()) if spec.kind is StateKind.SCALAR else value
+    return out
+
+
+def _keep_mask(ok, active, ctx: BlockContext):
+    """Where the new values apply: everywhere if the step is ok and every grad was present."""
+    mask = None
+    if active is not None:
+        mask = ctx.expand(active)
+    if ok is not None:
+        mask = ok if mask is None else mask & ok
+    return mask
+
+
+def _write(target: torch.Tensor, new: torch.Tensor, keep) -> None:
+    if keep is None:
+        target.copy_(new)
+    else:
+        target.copy_(torch.where(keep, new, target))
+
+
+def _write_state(target, new, keep_flat, ok, active, kind: StateKind, ctx: BlockContext) -> None:
+    if kind is StateKind.ELEMENTWISE:
+        _write(target, new, keep_flat)
+    elif kind is StateKind.TENSOR:
+        for j, (t, n) in enumerate(zip(target, new)):
+            keep = ok
+            if active is not None:
+                keep = active[j] if keep is None else keep & active[j]
+            _write(t, n, keep)
+    else:
+        _write(target, new.reshape(target.shape), ok)

@@ -1,0 +1,5 @@
+import sys
+
+from opdsl.cli import main
+
+sys.exit(main())

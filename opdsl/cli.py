@@ -1,0 +1,144 @@
+"""The ``opdsl`` command: validate, show, schema, list, demo, bench.
+
+    opdsl validate specs/*.yaml          exit 0, or 1 with every problem as FILE:LINE:COL: message
+    opdsl show adamw [--model pkg.mod:factory]
+    opdsl schema > opdsl-spec.schema.json
+    opdsl list
+    opdsl demo                           validate + show the shipped specs, train a small model with one
+    opdsl bench adamw muon               step-time benchmark (see benchmarks/step.py)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Sequence
+
+from opdsl.errors import BindError, SpecError
+
+__all__ = ["main"]
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from opdsl.loader import load_spec
+
+    failed = 0
+    for source in args.files:
+        try:
+            spec = load_spec(source)
+        except SpecError as err:
+            failed += 1
+            for problem in err.problems:
+                print(problem, file=sys.stderr)
+        else:
+            if not args.quiet:
+                print(f"{source}: ok ({spec.name}, {sum(len(g.nodes) for g in spec.graphs.values())} nodes)")
+    return 1 if failed else 0
+
+
+def _load_model(target: str):
+    module_name, _, attr = target.partition(":")
+    if not attr:
+        raise SystemExit(f"--model takes module:factory (e.g. mypkg.models:build), got {target!r}")
+    factory = getattr(importlib.import_module(module_name), attr)
+    return factory()
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from opdsl.graph import to_mermaid, to_text
+    from opdsl.loader import load_spec
+
+    try:
+        spec = load_spec(args.file)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(f"{spec.name}: {spec.summary}")
+    if spec.paper:
+        print(f"paper: {spec.paper}")
+    print("hyper: " + ", ".join(f"{k}={v}" for k, v in spec.hyper.items()))
+    for route_index, route in enumerate(spec.groups):
+        target = route.target
+        extra = f" with {dict(route.hyper)}" if route.hyper else ""
+        print(f"groups[{route_index}]: {route.match.describe()} -> {target}{extra}")
+    for name, graph in spec.graphs.items():
+        print(f"\ngraph {name}:\n{to_text(graph)}")
+    if args.mermaid:
+        for name, graph in spec.graphs.items():
+            print(f"\n```mermaid\n{to_mermaid(graph, f'{spec.name} / {name}')}\n```")
+    if args.model:
+        from opdsl.optimizer import Optimizer
+
+        model = _load_model(args.model)
+        try:
+            opt = Optimizer(model.named_parameters(), spec, compile=False)
+        except (BindError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print("\n" + opt.describe())
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from opdsl.schema import spec_json_schema
+
+    print(json.dumps(spec_json_schema(), indent=2))
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from opdsl.loader import load_spec, shipped_specs
+
+    for name in sorted(shipped_specs()):
+        spec = load_spec(name)
+        print(f"{name:24s} {spec.summary}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from opdsl.demo import run_demo
+
+    return run_demo(spec=args.spec, steps=args.steps, compile=not args.eager)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from opdsl.bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opdsl", description="optimizers as validated, compiled YAML block graphs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("validate", help="validate spec files; print every problem as FILE:LINE:COL: message")
+    p.add_argument("files", nargs="+")
+    p.add_argument("-q", "--quiet", action="store_true", help="print problems only")
+    p.set_defaults(run=_cmd_validate)
+    p = sub.add_parser("show", help="print a spec's graphs as text (and Mermaid), optionally bound to a model")
+    p.add_argument("file", help="a spec file or shipped spec name")
+    p.add_argument("--model", help="module:factory returning an nn.Module; prints the routing plan")
+    p.add_argument("--no-mermaid", dest="mermaid", action="store_false")
+    p.set_defaults(run=_cmd_show)
+    p = sub.add_parser("schema", help="JSON Schema of the spec format (for editors' YAML completion)")
+    p.set_defaults(run=_cmd_schema)
+    p = sub.add_parser("list", help="shipped specs with one-line summaries")
+    p.set_defaults(run=_cmd_list)
+    p = sub.add_parser("demo", help="validate and show the shipped specs, then train a small model with one")
+    p.add_argument("--spec", default="adamw")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--eager", action="store_true", help="skip torch.compile")
+    p.set_defaults(run=_cmd_demo)
+    p = sub.add_parser("bench", help="step-time benchmark against torch.optim (args as benchmarks/step.py)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(run=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

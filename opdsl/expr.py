@@ -1,0 +1,434 @@
+"""A tiny, safe expression language for hyperparameter arithmetic in specs.
+
+Numeric fields of a spec may be strings such as ``"1 - $betas[1]"`` or ``"$lr * sqrt(1 - $beta ** step)"``.
+They are parsed by the recursive-descent parser below (never by ``eval``) into nested closures, once, so
+:meth:`Expr.evaluate` does no parsing. The same closures run on Python numbers (exact float math) and on
+0-d tensors (torch ops, traceable by ``torch.compile``), or on a mix of both.
+
+Grammar, loosest binding first (as in Python; comparisons do not chain)::
+
+    or_expr    := and_expr ("or" and_expr)*
+    and_expr   := not_expr ("and" not_expr)*
+    not_expr   := "not" not_expr | comparison
+    comparison := sum (("==" | "!=" | "<" | "<=" | ">" | ">=") sum)?
+    sum        := product (("+" | "-") product)*
+    product    := unary (("*" | "/") unary)*
+    unary      := ("-" | "+") unary | power
+    power      := atom ("**" unary)?
+    atom       := NUMBER | "$" NAME ("[" INT "]")? | "step" | "true" | "false"
+                | FUNCTION "(" or_expr ("," or_expr)* ")" | "(" or_expr ")"
+"""
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Expr", "ExprSyntaxError", "ExprEvalError", "MissingHyperError", "parse_expr", "is_expr", "MAX_DEPTH"]
+
+#: Deeper nesting (parentheses, calls, prefix operators) is refused; it bounds parser and evaluator recursion.
+MAX_DEPTH = 32
+
+Env = Mapping[str, Any]
+_Fn = Callable[[Env], Any]
+
+
+class ExprSyntaxError(ValueError):
+    """An expression is malformed; ``col`` is the 1-based column of the problem in the expression text."""
+
+    def __init__(self, message: str, col: int):
+        super().__init__(f"{message} (at column {col})")
+        self.message = message
+        self.col = col
+
+
+class ExprEvalError(ValueError):
+    """An expression cannot be evaluated with the given values (bad index, math domain error, ...)."""
+
+
+class MissingHyperError(ExprEvalError, KeyError):
+    """An expression refers to a name that has no value; also a KeyError, like the failed lookup it is."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0])
+
+
+# ---- operations that work on Python numbers and on tensors ----------------------------------------------
+
+
+def _pow(base: Any, exponent: Any) -> Any:
+    """Python floats via math.pow (an error rather than a complex number for a negative base)."""
+    if isinstance(base, Tensor) or isinstance(exponent, Tensor):
+        return base**exponent
+    return math.pow(base, exponent)
+
+
+def _math(python: Callable[[Any], Any], tensor: Callable[[Tensor], Tensor]) -> Callable[[Any], Any]:
+    return lambda value: tensor(value) if isinstance(value, Tensor) else python(value)
+
+
+def _extremum(
+    python: Callable[[Any, Any], Any], tensor: Callable[[Tensor, Tensor], Tensor], bound: str
+) -> Callable[[Any, Any], Any]:
+    """min/max: torch.minimum/maximum for two tensors, a clamp for a tensor and a number, else Python's."""
+
+    def apply(a: Any, b: Any) -> Any:
+        if isinstance(b, Tensor) and not isinstance(a, Tensor):
+            a, b = b, a
+        if not isinstance(a, Tensor):
+            return python(a, b)
+        return tensor(a, b) if isinstance(b, Tensor) else a.clamp(**{bound: b})
+
+    return apply
+
+
+def _not(value: Any) -> Any:
+    return torch.logical_not(value) if isinstance(value, Tensor) else not value
+
+
+#: Function name -> (number of arguments, implementation).
+_FUNCTIONS: dict[str, tuple[int, Callable[..., Any]]] = {
+    "sqrt": (1, _math(math.sqrt, torch.sqrt)),
+    "exp": (1, _math(math.exp, torch.exp)),
+    "log": (1, _math(math.log, torch.log)),
+    "abs": (1, _math(abs, torch.abs)),
+    "min": (2, _extremum(min, torch.minimum, "max")),
+    "max": (2, _extremum(max, torch.maximum, "min")),
+}
+_BINARY: dict[str, Callable[[Any, Any], Any]] = {
+    "+": operator.add,
+    "-": operator.sub,
+    "*": operator.mul,
+    "/": operator.truediv,
+    "**": _pow,
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
+_COMPARISONS = ("==", "!=", "<", "<=", ">", ">=")
+_ALLOWED = (
+    "allowed are numbers, $hyperparameters, step, true, false and the functions "
+    + ", ".join(sorted(_FUNCTIONS))
+)
+
+# ---- closures the parser composes ------------------------------------------------------------------------
+
+
+def _constant(value: Any) -> _Fn:
+    return lambda env: value
+
+
+def _lookup(key: str, label: str, source: str) -> _Fn:
+    def run(env: Env) -> Any:
+        try:
+            return env[key]
+        except KeyError:
+            raise MissingHyperError(f"{source!r} uses {label}, which has no value") from None
+
+    return run
+
+
+def _indexed(name: str, index: int, source: str) -> _Fn:
+    lookup = _lookup(name, f"${name}", source)
+
+    def run(env: Env) -> Any:
+        value = lookup(env)
+        if not isinstance(value, (tuple, list)):
+            raise ExprEvalError(f"{source!r} indexes ${name}, which is a {type(value).__name__}, not a list")
+        if index >= len(value):
+            raise ExprEvalError(f"{source!r}: index {index} is out of range (${name} has {len(value)} values)")
+        return value[index]
+
+    return run
+
+
+def _apply(function: Callable[..., Any], args: Sequence[_Fn]) -> _Fn:
+    return lambda env: function(*[arg(env) for arg in args])
+
+
+def _chain(first: _Fn, rest: Sequence[tuple[Callable[[Any, Any], Any], _Fn]]) -> _Fn:
+    """Left-to-right application of binary operators, as one flat closure."""
+    if not rest:
+        return first
+
+    def run(env: Env) -> Any:
+        value = first(env)
+        for op, operand in rest:
+            value = op(value, operand(env))
+        return value
+
+    return run
+
+
+def _logic(parts: Sequence[_Fn], stop: bool) -> _Fn:
+    """``and`` (stop=False) or ``or`` (stop=True) over parts.
+
+    Python values short-circuit and give a bool; once a tensor is involved the parts are combined
+    elementwise into a bool tensor (no host sync).
+    """
+    if len(parts) == 1:
+        return parts[0]
+    combine = torch.logical_or if stop else torch.logical_and
+
+    def run(env: Env) -> Any:
+        result: Any = not stop
+        for part in parts:
+            value = part(env)
+            if isinstance(result, Tensor) or isinstance(value, Tensor):
+                result = combine(torch.as_tensor(result), torch.as_tensor(value))
+            elif bool(value) is stop:
+                return stop
+        return result
+
+    return run
+
+
+# ---- lexer and parser ----------------------------------------------------------------------------------
+
+
+class _Token(NamedTuple):
+    kind: str  # number, hyper, name, op, end
+    text: str
+    col: int
+
+
+_TOKEN = re.compile(
+    r"\s*(?:"
+    r"(?P<number>(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)(?P<junk>[A-Za-z0-9_.]*)"
+    r"|(?P<hyper>\$(?P<hyper_name>[A-Za-z_][A-Za-z0-9_]*)?)"
+    r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|(?P<op>\*\*|[=!<>]=|[-+*/<>()\[\],])"
+    r"|(?P<end>\Z))"
+)
+
+
+def _tokens(text: str) -> Iterator[_Token]:
+    """Tokens of ``text``, lazily (so the first problem in reading order is the one reported)."""
+    pos = 0
+    while True:
+        match = _TOKEN.match(text, pos)
+        if match is None:
+            col = len(text) - len(text[pos:].lstrip()) + 1
+            raise ExprSyntaxError(f"unexpected character {text[col - 1]!r}", col)
+        kind = next(k for k in ("number", "hyper", "name", "op", "end") if match.group(k) is not None)
+        col = match.start(kind) + 1
+        if kind == "number" and match.group("junk"):
+            raise ExprSyntaxError(f"malformed number {match.group('number') + match.group('junk')!r}", col)
+        if kind == "hyper" and match.group("hyper_name") is None:
+            raise ExprSyntaxError("expected a hyperparameter name after '$'", col)
+        yield _Token(kind, match.group(kind), col)
+        if kind == "end":
+            return
+        pos = match.end()
+
+
+def _describe(token: _Token) -> str:
+    return "the end of the expression" if token.kind == "end" else repr(token.text)
+
+
+class _Parser:
+    """Recursive descent over :data:`_TOKEN` tokens, producing closures directly."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.tokens = _tokens(text)
+        self.tok = next(self.tokens)
+        self.hypers: set[str] = set()
+        self.uses_step = False
+        self.depth = 0
+
+    # ---- token helpers
+    def advance(self) -> _Token:
+        token = self.tok
+        self.tok = next(self.tokens)
+        return token
+
+    def accept(self, *texts: str) -> _Token | None:
+        if self.tok.kind in ("op", "name") and self.tok.text in texts:
+            return self.advance()
+        return None
+
+    def expect(self, text: str) -> None:
+        if self.accept(text) is None:
+            raise self.error(f"expected {text!r}")
+
+    def error(self, message: str) -> ExprSyntaxError:
+        return ExprSyntaxError(f"{message}, got {_describe(self.tok)}", self.tok.col)
+
+    def nested(self, parse: Callable[[], _Fn]) -> _Fn:
+        """Parse a sub-expression one level deeper, refusing pathological nesting."""
+        if self.depth >= MAX_DEPTH:
+            raise ExprSyntaxError(f"expression is nested more than {MAX_DEPTH} levels deep", self.tok.col)
+        self.depth += 1
+        try:
+            return parse()
+        finally:
+            self.depth -= 1
+
+    # ---- grammar
+    def parse(self) -> _Fn:
+        if self.tok.kind == "end":
+            raise ExprSyntaxError("empty expression", 1)
+        run = self.or_expr()
+        if self.tok.kind != "end":
+            raise self.error("expected an operator or the end of the expression")
+        return run
+
+    def or_expr(self) -> _Fn:
+        parts = [self.and_expr()]
+        while self.accept("or"):
+            parts.append(self.and_expr())
+        return _logic(parts, stop=True)
+
+    def and_expr(self) -> _Fn:
+        parts = [self.not_expr()]
+        while self.accept("and"):
+            parts.append(self.not_expr())
+        return _logic(parts, stop=False)
+
+    def not_expr(self) -> _Fn:
+        if self.accept("not"):
+            operand = self.nested(self.not_expr)
+            return lambda env: _not(operand(env))
+        return self.comparison()
+
+    def comparison(self) -> _Fn:
+        left = self.sum()
+        token = self.accept(*_COMPARISONS)
+        if token is None:
+            return left
+        right = self.sum()
+        if self.tok.kind == "op" and self.tok.text in _COMPARISONS:
+            raise ExprSyntaxError("comparisons cannot be chained; combine them with 'and'", self.tok.col)
+        return _chain(left, [(_BINARY[token.text], right)])
+
+    def sum(self) -> _Fn:
+        first, rest = self.product(), []
+        while token := self.accept("+", "-"):
+            rest.append((_BINARY[token.text], self.product()))
+        return _chain(first, rest)
+
+    def product(self) -> _Fn:
+        first, rest = self.unary(), []
+        while token := self.accept("*", "/"):
+            rest.append((_BINARY[token.text], self.unary()))
+        return _chain(first, rest)
+
+    def unary(self) -> _Fn:
+        token = self.accept("-", "+")
+        if token is None:
+            return self.power()
+        operand = self.nested(self.unary)
+        op = operator.neg if token.text == "-" else operator.pos
+        return lambda env: op(operand(env))
+
+    def power(self) -> _Fn:
+        base = self.atom()
+        if self.accept("**"):
+            return _chain(base, [(_pow, self.nested(self.unary))])
+        return base
+
+    def atom(self) -> _Fn:
+        token = self.tok
+        if token.kind == "number":
+            self.advance()
+            return _constant(float(token.text))
+        if token.kind == "hyper":
+            self.advance()
+            return self.hyper(token.text[1:])
+        if token.kind == "name" and token.text not in ("and", "or", "not"):
+            self.advance()
+            return self.name(token)
+        if self.accept("("):
+            inner = self.nested(self.or_expr)
+            self.expect(")")
+            return inner
+        raise self.error("expected a number, a $hyperparameter, step, a function call or '('")
+
+    def hyper(self, name: str) -> _Fn:
+        self.hypers.add(name)
+        if not self.accept("["):
+            return _lookup(name, f"${name}", self.text)
+        if self.tok.kind != "number" or not self.tok.text.isdigit():
+            raise self.error(f"expected a non-negative integer index into ${name}")
+        index = int(self.advance().text)
+        self.expect("]")
+        return _indexed(name, index, self.text)
+
+    def name(self, token: _Token) -> _Fn:
+        if token.text == "step":
+            self.uses_step = True
+            return _lookup("step", "step", self.text)
+        if token.text in ("true", "false"):
+            return _constant(token.text == "true")
+        if token.text not in _FUNCTIONS:
+            what = "function" if self.tok.text == "(" else "name"
+            hint = "" if what == "function" else f" (a hyperparameter is written ${token.text})"
+            raise ExprSyntaxError(f"unknown {what} {token.text!r}{hint}; {_ALLOWED}", token.col)
+        arity, function = _FUNCTIONS[token.text]
+        self.expect("(")
+        args = [self.nested(self.or_expr)]
+        while self.accept(","):
+            args.append(self.nested(self.or_expr))
+        self.expect(")")
+        if len(args) != arity:
+            plural = "s" if arity > 1 else ""
+            raise ExprSyntaxError(f"{token.text}() takes {arity} argument{plural}, got {len(args)}", token.col)
+        return _apply(function, args)
+
+
+# ---- public API ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Expr:
+    """A parsed expression: its source text, the hyperparameters it reads, and whether it reads ``step``."""
+
+    source: str
+    hypers: frozenset[str]
+    uses_step: bool
+    _run: _Fn = field(repr=False, compare=False)
+
+    def evaluate(self, env: Env) -> Any:
+        """Value at ``env`` (hyper name -> number, bool, tuple/list, or 0-d tensor; ``"step"`` -> 1-based step).
+
+        Python inputs give Python results (comparisons and logic give bools); any tensor input makes the
+        result a tensor. Errors are :class:`ExprEvalError` (a ValueError) naming the expression;
+        a missing value is a :class:`MissingHyperError` (also a KeyError).
+        """
+        try:
+            return self._run(env)
+        except ExprEvalError:
+            raise
+        except (ArithmeticError, TypeError, ValueError) as err:
+            raise ExprEvalError(f"cannot evaluate {self.source!r}: {err}") from err
+
+    def __str__(self) -> str:
+        return self.source
+
+    def __reduce__(self) -> tuple[Callable[[str], Expr], tuple[str]]:
+        # Closures do not pickle or deep-copy; the source text rebuilds an equal expression.
+        return parse_expr, (self.source,)
+
+
+def parse_expr(text: str) -> Expr:
+    """Parse an expression; raises :class:`ExprSyntaxError` pointing at the offending column."""
+    parser = _Parser(text)
+    run = parser.parse()
+    return Expr(text, frozenset(parser.hypers), parser.uses_step, run)
+
+
+_STEP_OR_CALL = re.compile(r"\bstep\b|\b[A-Za-z_][A-Za-z0-9_]*\s*\(")
+
+
+def is_expr(value: object) -> bool:
+    """Whether a value looks like an expression: a string with ``$``, the name ``step``, or a call."""
+    return isinstance(value, str) and ("$" in value or _STEP_OR_CALL.search(value) is not None)

@@ -1,0 +1,337 @@
+"""From a spec name, path or text to a validated :class:`Spec`, with every problem located.
+
+Loading never runs code: YAML is composed safely (see :mod:`opdsl.yaml_loader`), blocks are pydantic
+models, expressions are parsed by our own small grammar. All problems are collected and raised together
+as one :class:`SpecError` whose lines read ``FILE:LINE:COL: message``.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from pydantic import ValidationError
+
+from opdsl.blocks import BLOCKS, block_class
+from opdsl.errors import Location, Problem, SpecError
+from opdsl.expr import Expr
+from opdsl.graph import check_graph
+from opdsl.spec import MAIN_GRAPH, RESERVED_NAMES, GraphSpec, Spec
+from opdsl.yaml_loader import LocatedDocument, load_yaml_file, load_yaml_text
+
+__all__ = ["load_spec", "shipped_specs", "resolve_spec_path"]
+
+_GRAPH_KEYS = ("nodes", "output")
+
+
+def shipped_specs() -> dict[str, Path]:
+    """Name -> path of every spec shipped with opdsl."""
+    root = resources.files("opdsl.specs")
+    return {Path(entry.name).stem: Path(str(entry)) for entry in root.iterdir() if entry.name.endswith(".yaml")}
+
+
+def resolve_spec_path(name_or_path: str | os.PathLike, relative_to: Path | None = None) -> Path:
+    """A shipped spec name (``adamw``) or a path to a YAML file."""
+    text = str(name_or_path)
+    candidates = []
+    if relative_to is not None:
+        candidates.append(relative_to / text)
+    candidates.append(Path(text))
+    for path in candidates:
+        if path.is_file():
+            return path
+    shipped = shipped_specs()
+    if text in shipped:
+        return shipped[text]
+    hint = difflib.get_close_matches(text, list(shipped), n=1)
+    suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+    raise SpecError(
+        [
+            Problem(
+                Location(text),
+                f"no spec file or shipped spec named {text!r}{suggestion} (shipped: {', '.join(sorted(shipped))})",
+            )
+        ]
+    )
+
+
+def load_spec(source: str | os.PathLike | Spec, *, text: str | None = None) -> Spec:
+    """Load and validate a spec.
+
+    ``source`` is a shipped spec name (``"adamw"``), a path to a YAML file, or an already-loaded Spec.
+    With ``text=...``, ``source`` is only the display name and the YAML comes from the string.
+    """
+    if isinstance(source, Spec):
+        return source
+    return _load(source, text, stack=())
+
+
+def _load(source: str | os.PathLike, text: str | None, stack: tuple[str, ...]) -> Spec:
+    if text is not None:
+        doc = load_yaml_text(text, file=str(source))
+        base_dir = None
+    else:
+        path = resolve_spec_path(source)
+        doc = load_yaml_file(path)
+        base_dir = path.parent
+    return _SpecBuilder(doc, base_dir, stack).build()
+
+
+class _SpecBuilder:
+    """Turns one located YAML document into a Spec, collecting problems instead of stopping at the first."""
+
+    def __init__(self, doc: LocatedDocument, base_dir: Path | None, stack: tuple[str, ...]):
+        self.doc = doc
+        self.base_dir = base_dir
+        self.stack = stack + (doc.file,)
+        self.problems: list[Problem] = []
+
+    def problem(self, path: Sequence[str | int], message: str, key: bool = False) -> None:
+        where = self.doc.key_where(path) if key else self.doc.where(path)
+        self.problems.append(Problem(where, message))
+
+    def build(self) -> Spec:
+        data = self.doc.data
+        if not isinstance(data, dict):
+            self.problem((), "a spec must be a mapping with keys opdsl, name, hyper, nodes, output")
+            raise SpecError(self.problems)
+        graphs = self._graphs(data)
+        top = {k: v for k, v in data.items() if k not in ("nodes", "output", "graphs")}
+        spec = None
+        try:
+            spec = Spec.model_validate({**top, "graphs": graphs or {}, "source": self.doc.file})
+        except ValidationError as err:
+            self._pydantic_problems(err, (), Spec)
+        if spec is not None and graphs is not None:
+            spec = self._resolve_uses(spec)
+            self._check(spec)
+        if self.problems:
+            raise SpecError(self.problems)
+        assert spec is not None
+        return spec
+
+    # ---- graphs and their nodes ---------------------------------------------------------------------
+    def _graphs(self, data: dict[str, Any]) -> dict[str, GraphSpec] | None:
+        raw: dict[tuple, Any] = {}
+        if "nodes" not in data and "output" not in data and "graphs" not in data:
+            self.problem((), "the spec has no graph: add `nodes:` and `output:`")
+            return None
+        raw[("",)] = {k: data[k] for k in _GRAPH_KEYS if k in data}
+        extra = data.get("graphs", {})
+        if not isinstance(extra, dict):
+            self.problem(("graphs",), "`graphs` must map graph names to {nodes, output}")
+            extra = {}
+        if MAIN_GRAPH in extra:
+            self.problem(("graphs", MAIN_GRAPH), f"graph name {MAIN_GRAPH!r} is reserved for the top-level nodes", key=True)
+        out: dict[str, GraphSpec] = {}
+        ok = True
+        for name, path, body in [(MAIN_GRAPH, (), raw[("",)])] + [
+            (g, ("graphs", g), b) for g, b in extra.items()
+        ]:
+            graph = self._graph(path, body)
+            if graph is None:
+                ok = False
+            else:
+                out[name] = graph
+        return out if ok else None
+
+    def _graph(self, path: tuple, body: Any) -> GraphSpec | None:
+        if not isinstance(body, dict):
+            self.problem(path, "a graph must be a mapping with `nodes` and `output`")
+            return None
+        for key in body:
+            if key not in _GRAPH_KEYS and path:
+                self._unknown_key(path + (key,), key, _GRAPH_KEYS, "graph")
+        nodes_raw, output = body.get("nodes"), body.get("output")
+        ok = True
+        if not isinstance(nodes_raw, dict) or not nodes_raw:
+            self.problem(path + ("nodes",), "`nodes` must be a non-empty mapping of node name -> block")
+            return None
+        if not isinstance(output, str):
+            self.problem(path + ("output",) if "output" in body else path, "missing `output:` (the node whose value updates the parameters)")
+            ok = False
+        nodes = {}
+        for name, node in nodes_raw.items():
+            block = self._node(path + ("nodes", name), name, node)
+            if block is None:
+                ok = False
+            else:
+                nodes[name] = block
+        if not ok:
+            return None
+        return GraphSpec(nodes=nodes, output=output)
+
+    def _node(self, path: tuple, name: str, node: Any):
+        if name in RESERVED_NAMES or not name.replace("_", "a").replace("-", "a").isalnum():
+            self.problem(path, f"bad node name {name!r}: use letters, digits, '_' or '-' (not {sorted(RESERVED_NAMES)})", key=True)
+            return None
+        if not isinstance(node, dict):
+            self.problem(path, f"node {name!r} must be a mapping like {{block: ema, input: grad, beta: 0.9}}")
+            return None
+        kind = node.get("block")
+        if kind is None:
+            self.problem(path, f"node {name!r} has no `block:`; valid blocks: {', '.join(BLOCKS)}")
+            return None
+        family = BLOCKS.get(kind) if isinstance(kind, str) else None
+        if family is not None and None not in family:
+            rule = node.get("rule")
+            if rule not in family:
+                rules = ", ".join(str(r) for r in family)
+                hint = difflib.get_close_matches(str(rule), [str(r) for r in family], n=1)
+                suggestion = f"did you mean {hint[0]!r}? " if hint else ""
+                what = f"unknown rule {rule!r}" if rule is not None else "missing `rule:`"
+                self.problem(path + (("rule",) if rule is not None else ()), f"{what} for block {kind!r} in node {name!r}; {suggestion}valid rules: {rules}")
+                return None
+        cls = block_class(kind, node.get("rule")) if family is not None else None
+        if cls is None:
+            hint = difflib.get_close_matches(str(kind), list(BLOCKS), n=1)
+            suggestion = f"did you mean {hint[0]!r}? " if hint else ""
+            self.problem(path + ("block",), f"unknown block {kind!r} in node {name!r}; {suggestion}valid blocks: {', '.join(BLOCKS)}")
+            return None
+        try:
+            return cls.model_validate(node)
+        except ValidationError as err:
+            self._pydantic_problems(err, path, cls, context=f"node {name!r} ({kind})")
+            return None
+
+    # ---- `use:` routes pull in another spec's main graph --------------------------------------------
+    def _resolve_uses(self, spec: Spec) -> Spec:
+        graphs = dict(spec.graphs)
+        hyper = dict(spec.hyper)
+        for index, route in enumerate(spec.groups):
+            if route.use is None or route.use in graphs:
+                continue
+            where = self.doc.where(("groups", index, "use"))
+            try:
+                path = resolve_spec_path(route.use, self.base_dir)
+                if str(path) in self.stack:
+                    raise SpecError([Problem(where, f"`use: {route.use}` forms a cycle: {' -> '.join(self.stack)}")])
+                used = _load(path, None, self.stack)
+            except SpecError as err:
+                self.problems.extend(
+                    p if p.location.line else Problem(where, p.message) for p in err.problems
+                )
+                continue
+            if len(used.graphs) > 1 or used.groups:
+                self.problems.append(Problem(where, f"`use: {route.use}` must name a spec with one graph and no groups"))
+                continue
+            graphs[route.use] = used.main
+            for key, value in used.hyper.items():
+                hyper.setdefault(key, value)
+        return spec.model_copy(update={"graphs": graphs, "hyper": hyper})
+
+    # ---- cross-checks: graph structure, hyper references, ranges at the defaults --------------------
+    def _check(self, spec: Spec) -> None:
+        if "lr" not in spec.hyper:
+            self.problem(("hyper",), "hyper must define `lr` (the update is param <- param - lr * output)")
+        for key in spec.hyper:
+            if key in RESERVED_NAMES or not key.isidentifier():
+                self.problem(("hyper", key), f"bad hyperparameter name {key!r}", key=True)
+        for index, route in enumerate(spec.groups):
+            if route.graph is not None and route.graph not in spec.graphs:
+                self._unknown_ref(("groups", index, "graph"), route.graph, list(spec.graphs), "graph")
+            for key in route.hyper:
+                if key not in spec.hyper:
+                    self._unknown_ref(("groups", index, "hyper", key), key, list(spec.hyper), "hyperparameter", key=True)
+        for gname, graph in spec.graphs.items():
+            path = () if gname == MAIN_GRAPH else ("graphs", gname)
+            used = gname not in (MAIN_GRAPH,) and any(r.use == gname for r in spec.groups)
+            locate = (lambda p, _path=path: self.doc.where(_path + tuple(p))) if not used else (
+                lambda p, _g=gname: self.doc.where(("groups",))
+            )
+            for message, sub in check_graph(graph):
+                self.problems.append(Problem(locate(sub), message if not used else f"in `use: {gname}`: {message}"))
+            if used:
+                continue
+            for nname, block in graph.nodes.items():
+                self._check_hyper_refs(spec, path + ("nodes", nname), nname, block)
+
+    def _check_hyper_refs(self, spec: Spec, path: tuple, nname: str, block) -> None:
+        env = {**spec.hyper, "step": 1.0}
+        fields = list(block.scalar_fields())
+        if isinstance(block.when, Expr):
+            fields.append(("if", block.when))
+        bad = False
+        for field, value in fields:
+            if not isinstance(value, Expr):
+                continue
+            for ref in sorted(value.hypers):
+                if ref not in spec.hyper:
+                    self._unknown_ref(path + (field.split("[")[0],), f"${ref}", [f"${h}" for h in spec.hyper], "hyperparameter")
+                    bad = True
+        if bad:
+            return
+        try:
+            messages = block.check_values(lambda v: v.evaluate(env) if isinstance(v, Expr) else v)
+        except (ValueError, TypeError, ArithmeticError) as err:
+            messages = [f"cannot evaluate at the default hyperparameters: {err}"]
+        for message in messages:
+            field = message.split("'")[1] if message.startswith("field '") else None
+            self.problem(path + ((field,) if field else ()), f"node {nname!r}: {message} (at the spec's default hyperparameters)")
+
+    # ---- message helpers ------------------------------------------------------------------------------
+    def _unknown_key(self, path: tuple, key: str, valid: Iterable[str], what: str) -> None:
+        valid = list(valid)
+        hint = difflib.get_close_matches(key, valid, n=1)
+        suggestion = f"did you mean {hint[0]!r}? " if hint else ""
+        self.problem(path, f"unknown field {key!r} in {what}; {suggestion}valid fields: {', '.join(valid)}", key=True)
+
+    def _unknown_ref(self, path: tuple, ref: str, valid: list[str], what: str, key: bool = False) -> None:
+        hint = difflib.get_close_matches(ref, valid, n=1)
+        suggestion = f"did you mean {hint[0]!r}? " if hint else ""
+        self.problem(path, f"unknown {what} {ref!r}; {suggestion}defined: {', '.join(valid) or 'none'}", key=key)
+
+    def _pydantic_problems(self, err: ValidationError, base: tuple, model, context: str | None = None) -> None:
+        for item in err.errors():
+            path = self._data_path(base, item["loc"])
+            field = ".".join(str(p) for p in path[len(base):]) or "value"
+            where = f"{context}, field {field!r}" if context else f"{field!r}"
+            if item["type"] == "extra_forbidden":
+                owner = _owner_fields(model, path[len(base):-1])
+                self._unknown_key(path, str(path[-1]), owner, context or "the spec")
+            elif item["type"] == "missing":
+                self.problem(path[:-1] if len(path) > len(base) else path, f"{where} is required")
+            else:
+                message = item["msg"].removeprefix("Value error, ")
+                self.problem(path, f"{where}: {message}")
+
+    def _data_path(self, base: tuple, loc: tuple) -> tuple:
+        """Map a pydantic error location onto the document (dropping union-member labels)."""
+        node = self.doc.data
+        for part in base:
+            node = node[part] if isinstance(node, (dict, list)) else None
+        path = list(base)
+        for part in loc:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+                path.append(part)
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node = node[part]
+                path.append(part)
+            elif isinstance(node, dict) and isinstance(part, str) and part not in node and not _is_union_label(part):
+                path.append(part)  # a missing or extra key: point at its parent mapping
+                node = None
+        return tuple(path)
+
+
+def _is_union_label(part: str) -> bool:
+    return any(ch in part for ch in "[]()") or part in {"int", "float", "str", "bool", "tuple", "list", "none"} or part.startswith("function-")
+
+
+def _owner_fields(model, path: tuple) -> list[str]:
+    """Field names of the (sub)model an unknown key was found in."""
+    current = model
+    for part in path:
+        info = getattr(current, "model_fields", {}).get(part)
+        if info is None:
+            break
+        annotation = info.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nxt = next((c for c in candidates if isinstance(c, type) and hasattr(c, "model_fields")), None)
+        if nxt is None:
+            break
+        current = nxt
+    fields = getattr(current, "model_fields", {})
+    return [info.alias or name for name, info in fields.items() if name != "source"]

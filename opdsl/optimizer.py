@@ -1,0 +1,433 @@
+"""``opdsl.Optimizer``: a spec compiled to one fused step, behind the torch.optim.Optimizer contract.
+
+    opt = opdsl.Optimizer(model.parameters(), "adamw", lr=3e-4, weight_decay=0.1)
+
+Hyperparameter keywords are the spec's ``hyper`` names (torch.optim's names for torch's optimizers).
+``param_groups`` hold plain Python values, so every torch LR scheduler works; before each step changed
+values are copied into 0-d device tensors the compiled step reads, so no hyperparameter change ever
+recompiles. Routing rules of the spec split each user group into one group per target graph.
+
+Semantics that differ from torch.optim, on purpose:
+- ``zero_grad()`` zeroes the flat gradient buffer (``set_to_none=False`` by default): gradients stay
+  views, so backward accumulates into the buffer and the step reads it with no gather. A parameter that
+  receives no gradient is then stepped with a zero gradient. ``zero_grad(set_to_none=True)`` restores
+  torch's behaviour (a parameter whose ``.grad`` is None is left untouched, state included), at the cost
+  of one gather per step.
+- ``on_nonfinite="skip"`` (default): if any gradient holds inf or NaN the whole step is skipped on the
+  device (parameters, state and step counts unchanged) and ``skipped_steps`` counts it; ``"error"``
+  also raises (one host sync); ``"propagate"`` does what torch.optim does.
+- The step count is kept per bucket, not per parameter.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from opdsl.compiled.fusion import fuse
+from opdsl.compiled.lowering import build_step
+from opdsl.errors import BindError, StateDictError
+from opdsl.loader import load_spec
+from opdsl.plan import (
+    Bucket,
+    build_buckets,
+    check_group_values,
+    conditions_of,
+    float_env,
+    per_param_state,
+    scalar_dtype,
+)
+from opdsl.spec import MAIN_GRAPH, Spec
+
+__all__ = ["Optimizer"]
+
+NONFINITE_MODES = ("skip", "error", "propagate")
+STATE_DICT_FORMAT = 1
+
+
+class Optimizer(torch.optim.Optimizer):
+    """A torch optimizer whose update rule is an opdsl spec.
+
+    Args:
+        params: parameters, ``named_parameters()`` (names enable routing by name), or param-group dicts.
+        spec: a shipped spec name (``"adamw"``), a path to a YAML file, or a loaded :class:`Spec`.
+        compile: ``True`` (default) runs the step under torch.compile; ``False`` runs the same function
+            eagerly; a dict passes options to torch.compile.
+        on_nonfinite: ``"skip"`` (default), ``"error"`` or ``"propagate"`` (see the module docs).
+        **hyper: overrides of the spec's hyperparameters (``lr``, ``betas``, ``weight_decay``, ...).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        spec: str | Spec = "adamw",
+        *,
+        compile: bool | dict[str, Any] = True,
+        on_nonfinite: str = "skip",
+        **hyper: Any,
+    ):
+        self.spec = load_spec(spec)
+        if on_nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE_MODES}, got {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
+        self._compile = compile
+        self._hyper_names = list(self.spec.hyper)
+        unknown = sorted(set(hyper) - set(self._hyper_names))
+        if unknown:
+            raise TypeError(
+                f"spec {self.spec.name!r} has no hyperparameter(s) {', '.join(unknown)}; "
+                f"valid: {', '.join(self._hyper_names)}"
+            )
+        defaults = {k: _normalize(k, v) for k, v in {**self.spec.hyper, **hyper}.items()}
+        self._names: dict[int, str] = {}
+        self._buckets: list[Bucket] = []
+        self._step_fn: Callable[..., Any] | None = None
+        self._envs: dict[tuple[int, torch.device], dict[str, Any]] = {}
+        self._seen: list[dict[str, Any]] = []
+        self._skipped: torch.Tensor | None = None
+        self._building = True
+        super().__init__(_with_names(params, self._names), defaults)
+        self._building = False
+        self._rebuild()
+
+    # ---- param groups and routing --------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; the spec's routing rules may split it into several groups (one per graph)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(_with_names(params, self._names))
+        if not params:
+            raise ValueError("a parameter group needs at least one parameter")
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"optimizer params must be Tensors, got {type(p).__name__}")
+            if not p.is_leaf:
+                raise ValueError(f"can't optimize a non-leaf Tensor ({self._name(p)})")
+            if id(p) in seen:
+                raise ValueError(f"parameter {self._name(p)} appears in more than one parameter group")
+            seen.add(id(p))
+        explicit = {k: _normalize(k, v) for k, v in param_group.items() if k not in ("params", "param_names")}
+        for key, route_params, route in self._split_by_route(params):
+            group = dict(self.defaults)
+            if route is not None:
+                group.update({k: _normalize(k, v) for k, v in route.hyper.items()})
+            group.update(explicit)
+            group["graph"] = key
+            group["params"] = route_params
+            group["param_names"] = [self._name(p) for p in route_params]
+            self.param_groups.append(group)
+        if not self._building:
+            self._rebuild()
+
+    def _split_by_route(self, params: list[torch.Tensor]):
+        routed: dict[str, list[torch.Tensor]] = {}
+        routes: dict[str, Any] = {}
+        strays = []
+        for p in params:
+            name = self._names.get(id(p))
+            index, route = self.spec.route_for(name, p.shape)
+            target = route.target if route is not None else MAIN_GRAPH
+            if target not in self.spec.graphs:
+                strays.append(self._name(p))
+                continue
+            label = f"{target}#{index}" if route is not None and route.hyper else target
+            routed.setdefault(label, []).append(p)
+            routes[label] = route
+        if strays:
+            raise BindError(
+                f"spec {self.spec.name!r} routes no graph to parameter(s): {', '.join(strays)}; "
+                "add a `groups` rule that matches them"
+            )
+        named_rules = [r for r in self.spec.groups if r.match.needs_names]
+        if named_rules and not any(id(p) in self._names for p in params):
+            warnings.warn(
+                f"spec {self.spec.name!r} routes by parameter name but the parameters came without names; "
+                "pass model.named_parameters()",
+                stacklevel=3,
+            )
+        for label, route_params in routed.items():
+            yield label.split("#")[0], route_params, routes[label]
+
+    def _name(self, p: torch.Tensor) -> str:
+        return self._names.get(id(p), f"<unnamed {tuple(p.shape)}>")
+
+    # ---- plan -------------------------------------------------------------------------------------------
+    def _rebuild(self) -> None:
+        """(Re)bind the spec to the current groups, keeping state by parameter and node name."""
+        saved = self._export_state() if self._buckets else {}
+        self._buckets = build_buckets(self.spec, self.param_groups, self._names, self._hyper_names)
+        self._envs = {}
+        self._seen = [{} for _ in self.param_groups]
+        self._conditions = [
+            conditions_of(self.spec, g["graph"], float_env(g, self._hyper_names)) for g in self.param_groups
+        ]
+        for bucket in self._buckets:
+            self._envs.setdefault((bucket.group_index, bucket.flat.device), {})
+        self._sync_hypers(force=True)
+        self._import_state(saved, strict=False)
+        self._refresh_state_views()
+        self._step_fn = None
+        device = self._buckets[0].flat.device
+        if self._skipped is None:
+            self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+
+    def _refresh_state_views(self) -> None:
+        self.state = defaultdict(dict)
+        for bucket in self._buckets:
+            for i, p in enumerate(bucket.flat.params):
+                self.state[p] = per_param_state(bucket, i)
+
+    def _sync_hypers(self, force: bool = False) -> None:
+        """Copy changed group values into the 0-d tensors the step reads; re-plan if a condition flips."""
+        replan = False
+        for gi, group in enumerate(self.param_groups):
+            seen = self._seen[gi]
+            changed = [k for k in self._hyper_names if force or not _same(seen.get(k, _UNSET), group[k])]
+            if not changed:
+                continue
+            env = float_env(group, self._hyper_names)
+            check_group_values(self.spec, group["graph"], env, f"param_groups[{gi}]")
+            if not force and conditions_of(self.spec, group["graph"], env) != self._conditions[gi]:
+                replan = True
+            for (g, device), tensors in self._envs.items():
+                if g == gi:
+                    _write_env(tensors, env, changed, device)
+            for k in changed:
+                seen[k] = group[k]
+        if replan:
+            self._rebuild()
+
+    def _compiled(self) -> Callable[..., Any]:
+        if self._step_fn is None:
+            fn = build_step([b.args for b in self._buckets], check_finite=self.on_nonfinite != "propagate")
+            self._step_fn = fuse(fn, self._compile)
+        return self._step_fn
+
+    # ---- the step -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sync_hypers()
+        actives, any_grad = [], False
+        for bucket in self._buckets:
+            bucket.flat.check_params_still_views()
+            missing = bucket.flat.gather_grads()
+            if missing is None:
+                actives.append(None)
+                any_grad = True
+                continue
+            mask = torch.ones(len(bucket.flat.params), dtype=torch.bool)
+            mask[missing] = False
+            any_grad |= bool(mask.any())
+            actives.append(mask.to(bucket.flat.device))
+        if not any_grad:
+            return loss
+        buckets = self._buckets
+        ok = self._compiled()(
+            [b.flat.param for b in buckets],
+            [b.flat.grad for b in buckets],
+            [b.state for b in buckets],
+            [b.step for b in buckets],
+            [self._envs[(b.group_index, b.flat.device)] for b in buckets],
+            actives,
+        )
+        if self.on_nonfinite != "propagate":
+            self._skipped += (~ok).to(self._skipped.device)
+            if self.on_nonfinite == "error" and not bool(ok):
+                raise FloatingPointError(
+                    "a gradient holds inf or NaN; the step was skipped (parameters and state unchanged)"
+                )
+        return loss
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        for bucket in self._buckets:
+            bucket.flat.zero_grad(set_to_none)
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps were skipped for non-finite gradients (reads a device counter: syncs)."""
+        return int(self._skipped.item()) if self._skipped is not None else 0
+
+    # ---- inspection -------------------------------------------------------------------------------------
+    def describe(self) -> str:
+        """Which parameter goes to which graph, by which rule, with its state bytes."""
+        from opdsl.describe import describe_optimizer
+
+        return describe_optimizer(self)
+
+    # ---- state_dict -------------------------------------------------------------------------------------
+    def _export_state(self) -> dict[int, dict[str, torch.Tensor]]:
+        out = {}
+        for bucket in self._buckets:
+            for i, p in enumerate(bucket.flat.params):
+                out[id(p)] = {k: v.detach().clone() for k, v in per_param_state(bucket, i).items()}
+        return out
+
+    def _import_state(self, saved: Mapping[int, Mapping[str, torch.Tensor]], strict: bool) -> None:
+        problems = []
+        for bucket in self._buckets:
+            for i, p in enumerate(bucket.flat.params):
+                entry = saved.get(id(p))
+                if entry is None:
+                    if strict:
+                        problems.append(f"no state for parameter {self._name(p)}")
+                    continue
+                target = per_param_state(bucket, i)
+                for key, dest in target.items():
+                    if key not in entry:
+                        if strict:
+                            problems.append(f"parameter {self._name(p)}: missing state {key!r}")
+                        continue
+                    src = entry[key]
+                    if tuple(src.shape) != tuple(dest.shape):
+                        problems.append(
+                            f"parameter {self._name(p)}: state {key!r} has shape {tuple(src.shape)}, "
+                            f"expected {tuple(dest.shape)}"
+                        )
+                        continue
+                    dest.copy_(src.to(device=dest.device, dtype=dest.dtype))
+        if problems:
+            raise StateDictError("cannot load optimizer state:\n  " + "\n  ".join(problems))
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch-shaped (``state`` by parameter index, ``param_groups``) plus the spec and its digest.
+
+        State is keyed ``node.state`` (e.g. ``m.value``), so it survives spec edits that keep node names.
+        """
+        index = {}
+        groups = []
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = [index.setdefault(id(p), len(index)) for p in group["params"]]
+            groups.append(packed)
+        state = {index[id(p)]: dict(s) for p, s in self.state.items()}
+        return {
+            "state": state,
+            "param_groups": groups,
+            "opdsl": {
+                "format": STATE_DICT_FORMAT,
+                "spec": self.spec.name,
+                "digest": self.spec.digest,
+                "definition": self.spec.canonical(),
+                "skipped_steps": self._skipped.clone() if self._skipped is not None else None,
+            },
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        meta = state_dict.get("opdsl")
+        if meta is None:
+            raise StateDictError(
+                f"this state_dict was not written by opdsl (no 'opdsl' entry); it cannot be loaded into "
+                f"an opdsl optimizer running spec {self.spec.name!r}"
+            )
+        if meta.get("spec") != self.spec.name:
+            raise StateDictError(
+                f"state_dict was written by spec {meta.get('spec')!r} (digest {meta.get('digest')}), "
+                f"but this optimizer runs spec {self.spec.name!r} (digest {self.spec.digest})"
+            )
+        if meta.get("digest") != self.spec.digest:
+            warnings.warn(
+                f"spec {self.spec.name!r} changed since this state_dict was saved (digest {meta.get('digest')} -> "
+                f"{self.spec.digest}); loading state by node name",
+                stacklevel=2,
+            )
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise StateDictError(
+                f"state_dict has {len(groups)} parameter groups, this optimizer has {len(self.param_groups)}"
+            )
+        by_index: dict[int, torch.Tensor] = {}
+        for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise StateDictError(
+                    f"param_groups[{gi}] has {len(saved['params'])} parameters in the state_dict, "
+                    f"{len(group['params'])} here"
+                )
+            if saved.get("graph", group["graph"]) != group["graph"]:
+                raise StateDictError(
+                    f"param_groups[{gi}] ran graph {saved.get('graph')!r} when saved, {group['graph']!r} here"
+                )
+            for idx, p in zip(saved["params"], group["params"]):
+                if tuple(state_dict["state"].get(idx, {}).get("step", torch.zeros(())).shape) != ():
+                    raise StateDictError(f"parameter {self._name(p)}: bad 'step' entry")
+                by_index[idx] = p
+        for saved, group in zip(groups, self.param_groups):
+            for key, value in saved.items():
+                if key not in ("params", "param_names", "graph"):
+                    group[key] = value
+        saved_state = {id(by_index[i]): s for i, s in state_dict["state"].items() if i in by_index}
+        self._rebuild()
+        self._import_state(saved_state, strict=True)
+        skipped = meta.get("skipped_steps")
+        if skipped is not None and self._skipped is not None:
+            self._skipped.copy_(skipped)
+
+    def __repr__(self) -> str:
+        lines = [f"opdsl.Optimizer(spec={self.spec.name!r}, compile={bool(self._compile)}, groups={len(self.param_groups)})"]
+        for gi, group in enumerate(self.param_groups):
+            values = ", ".join(f"{k}={group[k]}" for k in self._hyper_names)
+            lines.append(f"  [{gi}] graph={group['graph']} params={len(group['params'])} {values}")
+        return "\n".join(lines)
+
+
+_UNSET = object()
+
+
+def _same(old: Any, new: Any) -> bool:
+    if old is new:
+        return True
+    if isinstance(old, torch.Tensor) or isinstance(new, torch.Tensor) or old is _UNSET:
+        return False
+    return type(old) is type(new) and old == new
+
+
+def _normalize(name: str, value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _with_names(params: Iterable[Any], names: dict[int, str]) -> list[Any]:
+    """Accept tensors, (name, tensor) pairs or group dicts; record names by tensor id."""
+    out = []
+    for item in params if not isinstance(params, torch.Tensor) else [params]:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            names[id(item[1])] = item[0]
+            out.append(item[1])
+        elif isinstance(item, dict):
+            group = dict(item)
+            group["params"] = _with_names(item["params"], names)
+            out.append(group)
+        else:
+            out.append(item)
+    return out
+
+
+def _write_env(tensors: dict[str, Any], env: Mapping[str, Any], changed: list[str], device: torch.device) -> None:
+    dtype = scalar_dtype(device)
+    for key in changed:
+        value = env[key]
+        if isinstance(value, bool):
+            tensors[key] = value
+            continue
+        if isinstance(value, tuple):
+            current = tensors.get(key)
+            if not isinstance(current, tuple) or len(current) != len(value):
+                tensors[key] = tuple(torch.tensor(float(v), device=device, dtype=dtype) for v in value)
+            else:
+                for t, v in zip(current, value):
+                    t.fill_(float(v))
+            continue
+        current = tensors.get(key)
+        if isinstance(current, torch.Tensor):
+            current.fill_(float(value))
+        else:
+            tensors[key] = torch.tensor(float(value), device=device, dtype=dtype)
+

@@ -1,0 +1,158 @@
+"""Binding: a spec x real parameters -> buckets with programs, flat buffers and state.
+
+A bucket is the parameters of one param_group that share a device and dtype (a param_group already
+has exactly one graph: routing splits user groups by graph). Each bucket owns a :class:`FlatBuffers`,
+its program (the graph with build-time conditions decided), its state tensors and its step count.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from opdsl.blocks.base import StateKind, StateSpec
+from opdsl.compiled.layout import FlatBuffers
+from opdsl.compiled.lowering import BucketArgs, Program, build_program, state_key
+from opdsl.errors import BindError
+from opdsl.expr import Expr
+from opdsl.spec import Spec
+
+__all__ = ["Bucket", "build_buckets", "scalar_dtype", "conditions_of", "check_group_values", "float_env"]
+
+
+def scalar_dtype(device: torch.device) -> torch.dtype:
+    """Hyperparameters and step counts are float64 where the device has it (bias corrections in double)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def float_env(group: Mapping[str, Any], hyper_names: list[str]) -> dict[str, Any]:
+    env = {}
+    for name in hyper_names:
+        value = group[name]
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        env[name] = tuple(float(v) for v in value) if isinstance(value, (tuple, list)) else value
+    env["step"] = 1.0
+    return env
+
+
+@dataclass
+class Bucket:
+    group_index: int
+    graph: str
+    flat: FlatBuffers
+    names: list[str]
+    program: Program
+    state: dict[str, Any]
+    step: torch.Tensor
+
+    @property
+    def args(self) -> BucketArgs:
+        return BucketArgs(self.program, self.flat.segments, self.flat.numel, self.group_index)
+
+    def state_bytes(self, index: int) -> int:
+        """Bytes of optimizer state held for the bucket's ``index``-th parameter."""
+        total = 0
+        seg = self.flat.segments[index]
+        for key, spec in self.program.state_specs.items():
+            value = self.state[key]
+            if spec.kind is StateKind.ELEMENTWISE:
+                total += seg.numel * value.element_size()
+            elif spec.kind is StateKind.TENSOR:
+                total += value[index].numel() * value[index].element_size()
+        return total
+
+
+def decider(env: Mapping[str, Any]):
+    """Decides build-time conditions (``if:``, ``amsgrad: $amsgrad``) at a group's values."""
+    return lambda value: bool(value.evaluate(env)) if isinstance(value, Expr) else bool(value)
+
+
+def conditions_of(spec: Spec, graph: str, env: Mapping[str, Any]) -> tuple[bool, ...]:
+    """Every build-time decision of a graph at concrete hyperparameter values (to detect flips)."""
+    decide = decider(env)
+    return tuple(
+        decide(value)
+        for block in spec.graphs[graph].nodes.values()
+        for _, value in block.conditions()
+        if value is not None
+    )
+
+
+def check_group_values(spec: Spec, graph: str, env: Mapping[str, Any], where: str) -> None:
+    """Range-check every block field at a group's hyperparameter values."""
+    problems = []
+    for name, block in spec.graphs[graph].nodes.items():
+        evaluate = lambda v: v.evaluate(env) if isinstance(v, Expr) else v  # noqa: E731
+        try:
+            problems += [f"node {name!r}: {m}" for m in block.check_values(evaluate)]
+        except (ValueError, TypeError, ArithmeticError) as err:
+            problems.append(f"node {name!r}: cannot evaluate its fields: {err}")
+    if problems:
+        raise ValueError(f"{where} of spec {spec.name!r} has invalid hyperparameters:\n  " + "\n  ".join(problems))
+
+
+def _init_state(spec: StateSpec, flat: FlatBuffers) -> Any:
+    dtype = spec.dtype or flat.dtype
+    if spec.kind is StateKind.ELEMENTWISE:
+        return torch.full((flat.numel,), spec.init, device=flat.device, dtype=dtype)
+    if spec.kind is StateKind.TENSOR:
+        assert spec.shape is not None, "TENSOR state needs a shape rule"
+        return [torch.full(spec.shape(s.shape), spec.init, device=flat.device, dtype=dtype) for s in flat.segments]
+    return torch.full((1,), spec.init, device=flat.device, dtype=dtype)  # (1,): see compiled.lowering
+
+
+def build_buckets(
+    spec: Spec, param_groups: list[dict[str, Any]], names: Mapping[int, str], hyper_names: list[str]
+) -> list[Bucket]:
+    """Split groups into buckets, check shapes against the blocks, allocate fresh state."""
+    shape_problems: list[str] = []
+    programs: list[Program] = []
+    for gi, group in enumerate(param_groups):
+        graph = group["graph"]
+        env = float_env(group, hyper_names)
+        check_group_values(spec, graph, env, f"param_groups[{gi}]")
+        program = build_program(graph, spec.graphs[graph], decider(env))
+        programs.append(program)
+        for p in group["params"]:
+            if not p.dtype.is_floating_point:
+                shape_problems.append(f"parameter {names.get(id(p), '?')} has dtype {p.dtype}; opdsl steps floating-point parameters only")
+            for step in program.steps:
+                reason = step.block.check_shape(p.shape)
+                if reason:
+                    shape_problems.append(
+                        f"parameter {names.get(id(p), '?')} (shape {tuple(p.shape)}, param_groups[{gi}], "
+                        f"graph {graph!r}) cannot pass node {step.name!r} ({step.block.block}): {reason}"
+                    )
+    if shape_problems:
+        raise BindError("the spec cannot take these parameters:\n  " + "\n  ".join(shape_problems))
+    buckets: list[Bucket] = []
+    for gi, (group, program) in enumerate(zip(param_groups, programs)):
+        by_key: dict[tuple, list[torch.nn.Parameter]] = {}
+        for p in group["params"]:
+            by_key.setdefault((p.device, p.dtype), []).append(p)
+        for (device, _dtype), params in by_key.items():
+            flat = FlatBuffers(params)
+            state = {key: _init_state(s, flat) for key, s in program.state_specs.items()}
+            step = torch.zeros((1,), device=device, dtype=scalar_dtype(device))  # (1,): see compiled.lowering
+            buckets.append(Bucket(gi, group["graph"], flat, [names.get(id(p), "?") for p in params], program, state, step))
+    return buckets
+
+
+def per_param_state(bucket: Bucket, index: int) -> dict[str, torch.Tensor]:
+    """The bucket's state for one parameter: views of flat state, its tensor states, shared scalars."""
+    seg = bucket.flat.segments[index]
+    out: dict[str, torch.Tensor] = {"step": bucket.step.view(())}
+    for key, spec in bucket.program.state_specs.items():
+        value = bucket.state[key]
+        if spec.kind is StateKind.ELEMENTWISE:
+            out[key] = value[seg.offset : seg.end].view(seg.shape)
+        elif spec.kind is StateKind.TENSOR:
+            out[key] = value[index]
+        else:
+            out[key] = value.view(())
+    return out
+
+
+__all__ += ["per_param_state", "state_key"]

@@ -1,0 +1,139 @@
+"""Scalar fields of blocks: a number, or an expression over hyperparameters, with a valid range.
+
+``scalar(ge=0, lt=1)`` is the field type for e.g. a beta. A literal is range-checked when the spec is
+validated; an expression (``$betas[1]``) is range-checked at bind time and whenever its hyperparameters
+change, against the concrete values of each parameter group.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any, Union
+
+from pydantic import AfterValidator, BeforeValidator, PlainSerializer, WithJsonSchema
+
+from opdsl.expr import Expr, ExprSyntaxError, parse_expr
+
+__all__ = ["Scalar", "ScalarRange", "scalar", "scalar_ranges", "parse_scalar", "Condition", "condition_fields"]
+
+_SCALAR_JSON = {
+    "anyOf": [
+        {"type": "number"},
+        {"type": "string", "description": "expression over hyperparameters, e.g. '$betas[0]' or '1 - $momentum'"},
+    ]
+}
+
+
+def parse_scalar(value: Any) -> float | Expr:
+    """Numbers stay numbers; strings are parsed as expressions (constant ones folded to numbers)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number or an expression, got the boolean {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, Expr):
+        return value
+    if isinstance(value, str):
+        try:
+            expr = parse_expr(value)
+        except ExprSyntaxError as err:
+            raise ValueError(f"bad expression {value!r}: {err.message} (at column {err.col})") from None
+        if not expr.hypers and not expr.uses_step:
+            folded = expr.evaluate({})
+            if isinstance(folded, bool):
+                raise ValueError(f"expected a number, got the condition {value!r}")
+            return float(folded)
+        return expr
+    raise ValueError(f"expected a number or an expression such as '$lr', got {type(value).__name__}")
+
+
+def _parse_condition(value: Any) -> bool | Expr:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return parse_expr(value)
+        except ExprSyntaxError as err:
+            raise ValueError(f"bad condition {value!r}: {err.message} (at column {err.col})") from None
+    raise ValueError("expected true, false or a condition such as '$momentum != 0'")
+
+
+def _serialize(value: Any) -> Any:
+    return str(value) if isinstance(value, Expr) else value
+
+
+@dataclass(frozen=True)
+class ScalarRange:
+    """Bounds of a scalar field; ``violation`` says what is wrong with a value, or returns ''."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def violation(self, value: float) -> str:
+        if math.isnan(value):
+            return f"must be a number {self.describe()}"
+        if (self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt):
+            return f"must be {self.describe()}"
+        if (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt):
+            return f"must be {self.describe()}"
+        return ""
+
+    def describe(self) -> str:
+        lower = f"{self.ge:g} <= " if self.ge is not None else f"{self.gt:g} < " if self.gt is not None else ""
+        upper = f" <= {self.le:g}" if self.le is not None else f" < {self.lt:g}" if self.lt is not None else ""
+        return f"{lower}value{upper}" if lower or upper else "finite"
+
+    def check_literal(self, value: float | Expr) -> float | Expr:
+        if isinstance(value, float):
+            message = self.violation(value)
+            if message:
+                raise ValueError(f"{value:g} is out of range: {message}")
+        return value
+
+
+def scalar(ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """Field type: a number or an expression, with the given bounds."""
+    rng = ScalarRange(ge=ge, gt=gt, le=le, lt=lt)
+    return Annotated[
+        Union[float, Expr],
+        BeforeValidator(parse_scalar),
+        AfterValidator(rng.check_literal),
+        PlainSerializer(_serialize),
+        WithJsonSchema(_SCALAR_JSON),
+        rng,
+    ]
+
+
+#: An unbounded scalar field.
+Scalar = scalar()
+
+class _BuildTime:
+    """Marks a field decided once per parameter group when the spec is bound (not inside the step)."""
+
+
+BUILD_TIME = _BuildTime()
+
+#: A build-time condition: ``if:`` on a node, or a structural switch such as ``amsgrad: $amsgrad``.
+Condition = Annotated[
+    Union[bool, Expr],
+    BeforeValidator(_parse_condition),
+    PlainSerializer(_serialize),
+    WithJsonSchema({"anyOf": [{"type": "boolean"}, {"type": "string"}]}),
+    BUILD_TIME,
+]
+
+
+def condition_fields(model: type) -> list[str]:
+    """Names of a model's build-time condition fields, in declaration order."""
+    return [name for name, info in model.model_fields.items() if any(m is BUILD_TIME for m in info.metadata)]
+
+
+def scalar_ranges(model: type) -> dict[str, ScalarRange]:
+    """Field name -> bounds, for every bounded scalar field of a pydantic model class."""
+    out = {}
+    for name, info in model.model_fields.items():
+        for meta in info.metadata:
+            if isinstance(meta, ScalarRange) and meta != ScalarRange():
+                out[name] = meta
+    return out

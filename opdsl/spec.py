@@ -1,0 +1,138 @@
+"""The validated form of a spec file (format version 1).
+
+A spec names a graph of blocks (``nodes`` + ``output``), the runtime-tunable hyperparameters the blocks
+refer to as ``$name``, optional extra named ``graphs``, and ``groups``: routing rules that send
+parameters (by ndim, shape or name glob; first match wins) to another graph and/or hyper overrides.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from typing import Any, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+
+from opdsl.blocks.base import Block
+
+__all__ = ["HyperValue", "Match", "Route", "GraphSpec", "Spec", "SPEC_VERSION", "MAIN_GRAPH"]
+
+SPEC_VERSION = 1
+MAIN_GRAPH = "main"
+#: Names the engine provides to expressions itself.
+RESERVED_NAMES = frozenset({"step", "grad", "param", "params", "true", "false"})
+
+HyperValue = Union[bool, float, tuple[float, ...]]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Match(_Model):
+    """Which parameters a route takes. Every given criterion must hold; an empty match takes everything."""
+
+    ndim: Union[int, tuple[int, ...], None] = Field(None, description="ndim, or a list of allowed ndims")
+    shape: Union[tuple[Union[int, None], ...], None] = Field(
+        None, description="exact shape; null entries match any size"
+    )
+    name: Union[str, tuple[str, ...], None] = Field(
+        None, description="glob(s) on the parameter name, e.g. '*.bias' or 'embed*' (needs named_parameters)"
+    )
+
+    def describe(self) -> str:
+        parts = []
+        if self.ndim is not None:
+            parts.append(f"ndim in {list(self.ndim)}" if isinstance(self.ndim, tuple) else f"ndim == {self.ndim}")
+        if self.shape is not None:
+            parts.append("shape " + "x".join("*" if s is None else str(s) for s in self.shape))
+        if self.name is not None:
+            parts.append(f"name ~ {self.name if isinstance(self.name, str) else list(self.name)}")
+        return " and ".join(parts) or "everything"
+
+    def matches(self, name: str | None, shape: torch.Size) -> bool:
+        if self.ndim is not None:
+            allowed = self.ndim if isinstance(self.ndim, tuple) else (self.ndim,)
+            if len(shape) not in allowed:
+                return False
+        if self.shape is not None:
+            if len(shape) != len(self.shape) or any(w is not None and w != s for w, s in zip(self.shape, shape)):
+                return False
+        if self.name is not None:
+            if name is None:
+                return False
+            globs = (self.name,) if isinstance(self.name, str) else self.name
+            if not any(fnmatch.fnmatchcase(name, g) for g in globs):
+                return False
+        return True
+
+    @property
+    def needs_names(self) -> bool:
+        return self.name is not None
+
+
+class Route(_Model):
+    """One routing rule of ``groups``."""
+
+    match: Match = Field(default_factory=Match)
+    graph: Union[str, None] = Field(None, description="name of a graph in `graphs` (default: the main graph)")
+    use: Union[str, None] = Field(None, description="route to another spec's main graph (shipped name or path)")
+    hyper: dict[str, HyperValue] = Field(default_factory=dict, description="hyperparameter overrides")
+    label: Union[str, None] = Field(None, description="a name for this rule in describe() output")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "Route":
+        if self.graph is not None and self.use is not None:
+            raise ValueError("a route takes either `graph` or `use`, not both")
+        return self
+
+    @property
+    def target(self) -> str:
+        return self.use or self.graph or MAIN_GRAPH
+
+
+class GraphSpec(_Model):
+    nodes: dict[str, SerializeAsAny[Block]]
+    output: str
+
+
+class Spec(_Model):
+    """A validated spec. Build it with :func:`opdsl.load_spec`, which also checks the graph."""
+
+    opdsl: int = Field(description="format version; must be 1")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    summary: str = ""
+    paper: Union[str, None] = None
+    notes: Union[str, None] = None
+    hyper: dict[str, HyperValue] = Field(default_factory=dict)
+    graphs: dict[str, GraphSpec] = Field(default_factory=dict)
+    groups: tuple[Route, ...] = ()
+    source: Union[str, None] = Field(None, exclude=True, description="file the spec came from")
+
+    @field_validator("opdsl")
+    @classmethod
+    def _version(cls, value: int) -> int:
+        if value != SPEC_VERSION:
+            raise ValueError(f"unknown spec format version {value}; this opdsl reads version {SPEC_VERSION}")
+        return value
+
+    @property
+    def main(self) -> GraphSpec:
+        return self.graphs[MAIN_GRAPH]
+
+    def canonical(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    @property
+    def digest(self) -> str:
+        """A stable hash of the spec's meaning (not of its formatting or comments)."""
+        text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def route_for(self, name: str | None, shape: torch.Size) -> tuple[int | None, Route | None]:
+        """First matching route (index, route), or (None, None) for the main graph with spec defaults."""
+        for index, route in enumerate(self.groups):
+            if route.match.matches(name, shape):
+                return index, route
+        return None, None

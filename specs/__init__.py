@@ -1,0 +1,1 @@
+"""Specs shipped with opdsl (YAML data; see opdsl.loader.shipped_specs)."""
