@@ -122,3 +122,38 @@ def _fresh_dynamo():
 
     torch._dynamo.reset()
     yield
+
+
+def run_against_reference(
+    kind: str,
+    make_ours: Callable[[nn.Module], torch.optim.Optimizer],
+    make_ref: Callable[[list[torch.Tensor]], object],
+    steps: int = 200,
+    dtype: torch.dtype = torch.float64,
+    set_lr: Callable[[int], float] | None = None,
+) -> float:
+    """Train one model copy with an opdsl optimizer and another with a plain reference (``ref.step(grads)``
+    updating the parameter tensors in place), each on its own gradients; return the max rel diff.
+
+    ``set_lr(step)`` (optional) changes the learning rate of both before each step (the reference must
+    expose ``lr`` as an attribute or ``param_groups``-free setter ``ref.lr``)."""
+    ours_model = make_model(kind, dtype)
+    ref_model = copy.deepcopy(ours_model)
+    ours = make_ours(ours_model)
+    ref_params = [p for p in ref_model.parameters()]
+    ref = make_ref([p.data for p in ref_params])
+    for step in range(steps):
+        if set_lr is not None:
+            lr = set_lr(step)
+            for group in ours.param_groups:
+                group["lr"] = lr
+            ref.lr = lr
+        ours.zero_grad()
+        loss_of(ours_model, kind, step, dtype).backward()
+        ours.step()
+        for p in ref_params:
+            p.grad = None
+        loss_of(ref_model, kind, step, dtype).backward()
+        with torch.no_grad():
+            ref.step([p.grad for p in ref_params])
+    return max_rel_diff(ours_model, ref_model)
