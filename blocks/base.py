@@ -111,7 +111,8 @@ class Block(BaseModel):
 
     def conditions(self) -> list[tuple[str, Any]]:
         """(field, value) of every build-time condition, ``if`` first."""
-        return [(name, getattr(self, name)) for name in condition_fields(type(self))]
+        fields = [name for name in condition_fields(type(self)) if name != "when"]
+        return [("when", self.when)] + [(name, getattr(self, name)) for name in fields]
 
     def decided(self, decide: Callable[[Any], bool]) -> "Block":
         """A copy with every build-time condition except ``if`` replaced by its decision."""

@@ -114,11 +114,10 @@ class _SpecBuilder:
 
     # ---- graphs and their nodes ---------------------------------------------------------------------
     def _graphs(self, data: dict[str, Any]) -> dict[str, GraphSpec] | None:
-        raw: dict[tuple, Any] = {}
         if "nodes" not in data and "output" not in data and "graphs" not in data:
             self.problem((), "the spec has no graph: add `nodes:` and `output:`")
             return None
-        raw[("",)] = {k: data[k] for k in _GRAPH_KEYS if k in data}
+        has_main = "nodes" in data or "output" in data
         extra = data.get("graphs", {})
         if not isinstance(extra, dict):
             self.problem(("graphs",), "`graphs` must map graph names to {nodes, output}")
@@ -127,9 +126,8 @@ class _SpecBuilder:
             self.problem(("graphs", MAIN_GRAPH), f"graph name {MAIN_GRAPH!r} is reserved for the top-level nodes", key=True)
         out: dict[str, GraphSpec] = {}
         ok = True
-        for name, path, body in [(MAIN_GRAPH, (), raw[("",)])] + [
-            (g, ("graphs", g), b) for g, b in extra.items()
-        ]:
+        main = [(MAIN_GRAPH, (), {k: data[k] for k in _GRAPH_KEYS if k in data})] if has_main else []
+        for name, path, body in main + [(g, ("graphs", g), b) for g, b in extra.items()]:
             graph = self._graph(path, body)
             if graph is None:
                 ok = False

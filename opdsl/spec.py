@@ -119,6 +119,9 @@ class Spec(_Model):
 
     @property
     def main(self) -> GraphSpec:
+        """The top-level graph (a spec may have none and route every parameter to named graphs)."""
+        if MAIN_GRAPH not in self.graphs:
+            raise KeyError(f"spec {self.name!r} has no top-level graph; its graphs are {list(self.graphs)}")
         return self.graphs[MAIN_GRAPH]
 
     def canonical(self) -> dict[str, Any]:

@@ -107,10 +107,12 @@ def test_muon_bfloat16_every_step():
     bfloat16 Newton-Schulz turns a 1-ulp float32 difference into a 1-ulp bf16 one (4e-3), which a
     chaotic trajectory then amplifies; so the bf16 path is checked per step from synchronised parameters
     (momentum buffers evolve on their own), and the trajectory test above covers the accumulation.
+    Eager: under inductor the bf16 matmul chain keeps fp32 between fused ops (fewer roundings than eager
+    torch), so compiled bf16 is not bit-comparable; the compiled math is proven by the fp32 trajectory.
     """
     ours_model = make_model("transformer")
     ref_model = copy.deepcopy(ours_model)
-    ours, ref = opdsl.Optimizer(ours_model.parameters(), "muon"), _muon_reference(ref_model)
+    ours, ref = opdsl.Optimizer(ours_model.parameters(), "muon", compile=False), _muon_reference(ref_model)
     worst = 0.0
     for step in range(200):
         with torch.no_grad():
