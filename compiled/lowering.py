@@ -28,7 +28,7 @@ from opdsl.compiled.layout import Segment
 from opdsl.graph import Reference, execution_order, parse_ref
 from opdsl.spec import GraphSpec
 
-__all__ = ["NodeStep", "Program", "Source", "build_program", "build_step", "state_key", "BucketArgs"]
+__all__ = ["NodeStep", "Program", "Source", "build_program", "build_step", "state_key", "BucketArgs", "reads_source"]
 
 
 def state_key(node: str, name: str) -> str:
@@ -102,6 +102,12 @@ def build_program(graph_name: str, graph: GraphSpec, decide: Callable[[Any], boo
     return Program(graph_name, tuple(steps), source(resolve(parse_ref(graph.output)), "output"), tuple(disabled))
 
 
+def reads_source(program: Program, name: str) -> bool:
+    return any(src.key == name and not src.from_state for s in program.steps for _, src in s.inputs) or (
+        program.output.key == name
+    )
+
+
 @dataclass
 class BucketArgs:
     """The static (non-tensor) facts about one bucket that the step function closes over."""
@@ -126,8 +132,9 @@ StepFn = Callable[..., Any]
 def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
     """The whole optimizer step as one function of tensors (all static structure is closed over).
 
-    Arguments of the returned function: ``params, grads, states, steps, envs, actives`` (lists aligned
-    with ``buckets``); ``actives[i]`` is None or a bool tensor [n_params] (False = grad was None).
+    Arguments of the returned function: ``params, grads, states, steps, envs, actives, extras`` (lists
+    aligned with ``buckets``); ``actives[i]`` is None or a bool tensor [n_params] (False = grad was None);
+    ``extras[i]`` maps extra sources (``grad2``) to flat tensors.
     Returns a 0-d bool tensor: whether the step was applied.
     """
     by_graph: dict[str, list[int]] = {}
@@ -137,10 +144,11 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
         g: _merged_order([buckets[i].program for i in idx]) for g, idx in by_graph.items()
     }
 
-    def step(params, grads, states, steps, envs, actives):
+    def step(params, grads, states, steps, envs, actives, extras):
         ok = None
         if check_finite:
             flags = [torch.isfinite(g).all() for g in grads]
+            flags += [torch.isfinite(t).all() for extra in extras for t in extra.values()]
             ok = flags[0] if len(flags) == 1 else torch.stack(flags).all()
         runs: list[_Run] = []
         for i, b in enumerate(buckets):
@@ -148,7 +156,7 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
             env = dict(envs[i])
             env["step"] = t
             ctx = BlockContext(b.segments, env, t, params[i], b.numel)
-            runs.append(_Run(ctx, {"grad": grads[i], "param": params[i]}, states[i]))
+            runs.append(_Run(ctx, {"grad": grads[i], "param": params[i], **extras[i]}, states[i]))
         for graph_name, members in by_graph.items():
             for node in node_order[graph_name]:
                 active = [(i, s) for i in members for s in buckets[i].program.steps if s.name == node]

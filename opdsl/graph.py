@@ -1,6 +1,8 @@
 """The block graph: references, cycles, dead nodes and execution order, with networkx.
 
-Sources are ``grad`` (this step's gradient) and ``param`` (the parameters before this step). A node
+Sources are ``grad`` (this step's gradient), ``param`` (the parameters before this step) and
+``grad2`` (a second, independent gradient at the same point: specs that read it make ``step`` call the
+closure twice, see :class:`opdsl.Optimizer`). A node
 reads another node's output by name, or its primary state *as it was before this step* with
 ``name@prev``; ``@prev`` reads carry no edge, because that value exists before the step starts.
 """
@@ -15,7 +17,8 @@ from opdsl.spec import GraphSpec
 
 __all__ = ["SOURCES", "Reference", "parse_ref", "build_digraph", "check_graph", "execution_order", "to_mermaid", "to_text"]
 
-SOURCES = ("grad", "param")
+SOURCES = ("grad", "param", "grad2")
+EXTRA_SOURCES = ("grad2",)  # provided by the optimizer only when a graph reads them
 PREV_SUFFIX = "@prev"
 
 
@@ -61,7 +64,7 @@ def check_graph(graph: GraphSpec) -> list[tuple[str, tuple]]:
                 hint = difflib.get_close_matches(parsed.node, names + list(SOURCES), n=1)
                 suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
                 problems.append(
-                    (f"node {name!r} reads {ref!r}, which is not a node or a source (grad, param){suggestion}",
+                    (f"node {name!r} reads {ref!r}, which is not a node or a source (grad, param, grad2){suggestion}",
                      ("nodes", name, port))
                 )
             elif parsed.prev and not graph.nodes[parsed.node].PRIMARY_STATE:

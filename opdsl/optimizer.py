@@ -17,6 +17,10 @@ Semantics that differ from torch.optim, on purpose:
   device (parameters, state and step counts unchanged) and ``skipped_steps`` counts it; ``"error"``
   also raises (one host sync); ``"propagate"`` does what torch.optim does.
 - The step count is kept per bucket, not per parameter.
+
+Specs that read ``grad2`` (SGDOL) need two independent gradients at the same point: ``step(closure)``
+calls the closure twice, and the closure must draw a fresh minibatch on each call. The first call's
+gradient is ``grad``, the second's ``grad2``; the returned loss is the first call's.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from opdsl.compiled.fusion import fuse
-from opdsl.compiled.lowering import build_step
+from opdsl.compiled.lowering import build_step, reads_source
 from opdsl.errors import BindError, StateDictError
 from opdsl.loader import load_spec
 from opdsl.plan import (
@@ -171,6 +175,8 @@ class Optimizer(torch.optim.Optimizer):
         self._import_state(saved, strict=False)
         self._refresh_state_views()
         self._step_fn = None
+        self._needs_grad2 = any(reads_source(b.program, "grad2") for b in self._buckets)
+        self._first_grads = [torch.empty_like(b.flat.grad) for b in self._buckets] if self._needs_grad2 else []
         device = self._buckets[0].flat.device
         if self._skipped is None:
             self._skipped = torch.zeros((), dtype=torch.int64, device=device)
@@ -211,10 +217,18 @@ class Optimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
-        if closure is not None:
+        self._sync_hypers()
+        if self._needs_grad2:
+            if closure is None:
+                raise ValueError(
+                    f"spec {self.spec.name!r} reads `grad2`, a second independent gradient at the same point: "
+                    "call step(closure) with a closure that zeroes grads, draws a fresh batch, computes the loss "
+                    "and calls backward (it is called twice per step)"
+                )
+            loss = self._two_gradients(closure)
+        elif closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._sync_hypers()
         actives, any_grad = [], False
         for bucket in self._buckets:
             bucket.flat.check_params_still_views()
@@ -232,11 +246,12 @@ class Optimizer(torch.optim.Optimizer):
         buckets = self._buckets
         ok = self._compiled()(
             [b.flat.param for b in buckets],
-            [b.flat.grad for b in buckets],
+            [self._first_grads[i] if self._needs_grad2 else b.flat.grad for i, b in enumerate(buckets)],
             [b.state for b in buckets],
             [b.step for b in buckets],
             [self._envs[(b.group_index, b.flat.device)] for b in buckets],
             actives,
+            [{"grad2": b.flat.grad} if self._needs_grad2 else {} for b in buckets],
         )
         if self.on_nonfinite != "propagate":
             self._skipped += (~ok).to(self._skipped.device)
@@ -244,6 +259,18 @@ class Optimizer(torch.optim.Optimizer):
                 raise FloatingPointError(
                     "a gradient holds inf or NaN; the step was skipped (parameters and state unchanged)"
                 )
+        return loss
+
+    def _two_gradients(self, closure: Callable[[], Any]) -> Any:
+        """Run the closure twice at the same parameters; keep the first gradient aside."""
+        with torch.enable_grad():
+            loss = closure()
+        for i, bucket in enumerate(self._buckets):
+            bucket.flat.gather_grads()
+            self._first_grads[i].copy_(bucket.flat.grad)
+            bucket.flat.zero_grad(set_to_none=False)
+        with torch.enable_grad():
+            closure()
         return loss
 
     def zero_grad(self, set_to_none: bool = False) -> None:

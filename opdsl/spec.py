@@ -21,7 +21,7 @@ __all__ = ["HyperValue", "Match", "Route", "GraphSpec", "Spec", "SPEC_VERSION", 
 SPEC_VERSION = 1
 MAIN_GRAPH = "main"
 #: Names the engine provides to expressions itself.
-RESERVED_NAMES = frozenset({"step", "grad", "param", "params", "true", "false"})
+RESERVED_NAMES = frozenset({"step", "grad", "grad2", "param", "params", "true", "false"})
 
 HyperValue = Union[bool, float, tuple[float, ...]]
 

@@ -1,0 +1,64 @@
+"""The opdsl command line: validate, show, schema, list, demo."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from opdsl.cli import main
+from opdsl.loader import shipped_specs
+
+
+def test_validate_every_shipped_spec(capsys):
+    assert main(["validate", *map(str, shipped_specs().values())]) == 0
+    assert capsys.readouterr().out.count(": ok (") == len(shipped_specs())
+
+
+def test_validate_reports_file_line_col_and_fails(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("opdsl: 1\nname: bad\nhyper: {lr: 0.1}\nnodes:\n  m: {block: emaa, input: grad}\noutput: m\n")
+    good = tmp_path / "good.yaml"
+    good.write_text("opdsl: 1\nname: good\nhyper: {lr: 0.1}\nnodes:\n  s: {block: sign, input: grad}\noutput: s\n")
+    assert main(["validate", str(good), str(bad)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[0].startswith(f"{bad}:5:") and "unknown block 'emaa'" in err[0]
+
+
+def test_show_prints_graph_and_mermaid(capsys):
+    assert main(["show", "adamw"]) == 0
+    out = capsys.readouterr().out
+    assert "param <- param - lr * update" in out and "flowchart LR" in out and "m -->|input| mhat" in out
+
+
+def test_show_with_model_prints_the_plan(capsys):
+    assert main(["show", "muon", "--no-mermaid", "--model", "opdsl.demo:demo_model"]) == 0
+    out = capsys.readouterr().out
+    assert "0.weight" in out and "adamw" in out and "bytes per parameter" in out
+
+
+def test_schema_is_json_with_every_block(capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    text = json.dumps(schema)
+    for block in ("ema", "preconditioned-norm", "orthogonalize", "direction-mixer"):
+        assert f'"{block}"' in text
+    assert "hyper" in schema["properties"] and "groups" in schema["properties"]
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "adamw" in out and "torch.optim.AdamW" in out
+
+
+def test_module_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "opdsl", "list"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "muon" in result.stdout
+
+
+def test_demo_trains_eagerly(capsys):
+    assert main(["demo", "--steps", "30", "--eager"]) == 0
+    out = capsys.readouterr().out
+    assert "validating shipped specs" in out and "loss" in out
