@@ -6,6 +6,7 @@ back over the flat layout). Everything here is traceable by torch.compile and fr
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -14,6 +15,8 @@ from opdsl.compiled.layout import Segment
 from opdsl.expr import Expr
 
 __all__ = ["BlockContext"]
+
+_PLAIN_REFERENCE = re.compile(r"\s*\$\w+(\[\d+\])?\s*$")
 
 
 class BlockContext:
@@ -37,8 +40,21 @@ class BlockContext:
     def value(self, field: float | Expr | None) -> Any:
         """A literal stays a Python float (baked into the compiled step); an expression becomes a 0-d tensor."""
         if isinstance(field, Expr):
-            return field.evaluate(self.env)
+            result = field.evaluate(self.env)
+            return result if _PLAIN_REFERENCE.match(field.source) else self.scalar(result)
         return field
+
+    @staticmethod
+    def scalar(value: Any) -> Any:
+        """Compute a 0-d value once per step, not once per vector of the elementwise kernel.
+
+        Inductor fuses 0-d arithmetic into the consumer's loop without hoisting it: a bias correction
+        ``1 - beta ** t`` became two ``pow`` calls per 8 elements, 6x slower than the memory floor. A tiny
+        reduction cannot be inlined into a pointwise loop, so it is realised as its own one-value kernel.
+        """
+        if isinstance(value, torch.Tensor) and value.ndim == 0:
+            return torch.stack((value, value)).amax()
+        return value
 
     def hyper(self, name: str) -> Any:
         return self.env[name]

@@ -4,6 +4,7 @@
     opdsl show adamw [--model pkg.mod:factory]
     opdsl schema > opdsl-spec.schema.json
     opdsl list
+    opdsl blocks                         the block reference (docs/blocks.md is its output)
     opdsl demo                           validate + show the shipped specs, train a small model with one
     opdsl bench adamw muon               step-time benchmark (see benchmarks/step.py)
 """
@@ -96,6 +97,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_blocks(args: argparse.Namespace) -> int:
+    from opdsl.reference import blocks_markdown
+
+    print(blocks_markdown(), end="")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from opdsl.demo import run_demo
 
@@ -124,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_schema)
     p = sub.add_parser("list", help="shipped specs with one-line summaries")
     p.set_defaults(run=_cmd_list)
+    p = sub.add_parser("blocks", help="the block reference (markdown): every block, rule and field")
+    p.set_defaults(run=_cmd_blocks)
     p = sub.add_parser("demo", help="validate and show the shipped specs, then train a small model with one")
     p.add_argument("--spec", default="adamw")
     p.add_argument("--steps", type=int, default=200)

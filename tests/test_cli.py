@@ -62,3 +62,13 @@ def test_demo_trains_eagerly(capsys):
     assert main(["demo", "--steps", "30", "--eager"]) == 0
     out = capsys.readouterr().out
     assert "validating shipped specs" in out and "loss" in out
+
+
+def test_block_reference_is_generated_and_current(capsys):
+    from pathlib import Path
+
+    assert main(["blocks"]) == 0
+    out = capsys.readouterr().out
+    assert "## `preconditioned-norm`" in out and "rule `adam`" in out
+    doc = Path(__file__).resolve().parents[1] / "docs" / "blocks.md"
+    assert doc.read_text() == out, "docs/blocks.md is stale: run `opdsl blocks > docs/blocks.md`"

@@ -1,0 +1,518 @@
+"""Optimizer step benchmark: opdsl specs against torch's fused/foreach/compiled steps and HeavyBall.
+
+    python benchmarks/step.py                                   # default: adamw, 10M + GPT-2 x0.25 (~5 min)
+    python benchmarks/step.py --full --out docs/benchmarks.md   # every shipped spec, 1M..100M, GPT-2 small
+    python benchmarks/step.py --specs adamw sgd adagrad --sizes 1e6 1e7 1e8 --gpt2-scale 1.0
+    python benchmarks/step.py --specs adamw --out docs/benchmarks.md
+
+For every (spec, workload) it prints a markdown table: median step time and IQR over interleaved
+rounds (A B C A B C ..., the order rotated every round, warm-up rounds excluded), the floor (the
+spec's own bytes moved per parameter x parameters / in-place streaming bandwidth measured inside
+the same interleaved loop), the ratio to the floor, the first call (compile) time, recompiles over
+``--recompile-steps`` steps with the LR changed before every step, optimizer-state bytes per
+parameter, full-size state tensors per parameter tensor, and the peak extra memory of one
+steady-state step (temporaries; "kept" when the step leaves memory allocated).
+
+Contenders: opdsl compiled and eager (skipped until ``import opdsl`` works), torch.optim with
+``foreach=True``, with ``fused=True`` where torch supports it on the device, ``torch.compile`` of
+torch's own step (tensor LR, as torch's compiled-optimizer tutorial recommends, so an LR change
+does not recompile), and HeavyBall's compiled optimizer when ``import heavyball`` works (it is not
+a dependency of opdsl; ``pip install heavyball`` to include it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The repo root, so that an uninstalled checkout's opdsl imports (an installed one wins).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import harness as H  # noqa: E402
+
+# --------------------------------------------------------------------------------------------
+# Algorithms with a torch (and maybe HeavyBall) equivalent
+# --------------------------------------------------------------------------------------------
+
+LR = 1e-3
+
+
+@dataclasses.dataclass
+class Algo:
+    name: str
+    torch_cls: str | None  # attribute of torch.optim
+    torch_kwargs: dict[str, Any]
+    state_elems: int  # full-size state tensors per parameter in theory
+    fused_devices: tuple[str, ...] = ()
+    foreach: bool = True
+    only_2d: bool = False
+    heavyball: tuple[str, dict[str, Any]] | None = None
+    bytes_doc: str = ""
+
+    def theory_bpp(self, itemsize: int) -> float:
+        """param read + write, grad read, each full-size state read + write."""
+        return itemsize * (3 + 2 * self.state_elems)
+
+
+ALGOS: dict[str, Algo] = {
+    "adamw": Algo(
+        "adamw", "AdamW", dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01), 2, ("cpu", "cuda"),
+        heavyball=("AdamW", dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)),
+        bytes_doc="read p,g,m,v; write p,m,v",
+    ),
+    "adam": Algo(
+        "adam", "Adam", dict(betas=(0.9, 0.999), eps=1e-8), 2, ("cpu", "cuda"),
+        bytes_doc="read p,g,m,v; write p,m,v",
+    ),
+    "sgd": Algo(
+        "sgd", "SGD", dict(momentum=0.9), 1, ("cpu", "cuda"),
+        heavyball=("SGD", dict(beta=0.9)), bytes_doc="read p,g,buf; write p,buf",
+    ),
+    "sgd_nesterov": Algo(
+        "sgd_nesterov", "SGD", dict(momentum=0.9, nesterov=True), 1, ("cpu", "cuda"),
+        bytes_doc="read p,g,buf; write p,buf",
+    ),
+    "adagrad": Algo(
+        "adagrad", "Adagrad", dict(), 1, ("cpu", "cuda"), bytes_doc="read p,g,sum; write p,sum",
+    ),
+    "rmsprop": Algo(
+        "rmsprop", "RMSprop", dict(alpha=0.99), 1, (), bytes_doc="read p,g,sq; write p,sq",
+    ),
+    "muon": Algo(
+        "muon", "Muon", dict(momentum=0.95, nesterov=True, weight_decay=0.1), 1, (), foreach=False, only_2d=True,
+        bytes_doc="2-D params only; read p,g,buf; write p,buf (+ Newton-Schulz matmuls, compute-bound)",
+    ),
+}
+ALIASES = {
+    "sgdm": "sgd", "sgd_momentum": "sgd", "momentum": "sgd", "nesterov": "sgd_nesterov",
+    "sgd_nesterov_momentum": "sgd_nesterov",
+}
+
+# Specs whose bytes moved per parameter are not "3 itemsizes + read/write of every state byte"
+# (e.g. state not touched every step, or extra passes). Value: bytes per parameter, fp32.
+# Left empty on purpose until a spec needs it; a global reduction's second pass (scsadamw) is
+# *not* added here: the floor is the single-pass bytes and the target allows 1.3x for it.
+OPDSL_BPP_OVERRIDE: dict[str, float] = {}
+
+# Shipped specs that are matrix specs (2-D params only in the torch oracle; FLOP/s reported).
+MATRIX_SPECS = {"muon"}
+
+
+def canonical(spec: str) -> str:
+    s = spec.lower().replace("-", "_")
+    if s.endswith(".yaml"):
+        s = os.path.basename(s)[:-5]
+    return ALIASES.get(s, s)
+
+
+def muon_flops(params: list[torch.Tensor], ns_steps: int = 5) -> float:
+    """Newton-Schulz FLOPs per step: per iteration X X^T (2 m^2 n), A A (2 m^3), B X (2 m^2 n)."""
+    total = 0.0
+    for p in params:
+        if p.ndim != 2:
+            continue
+        m, n = sorted(p.shape)
+        total += ns_steps * (4 * m * m * n + 2 * m**3)
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# torch contenders
+# --------------------------------------------------------------------------------------------
+
+
+def _set_lr_float(opt: torch.optim.Optimizer) -> Callable[[float], None]:
+    def set_lr(lr: float) -> None:
+        for g in opt.param_groups:
+            g["lr"] = lr
+
+    return set_lr
+
+
+def _set_lr_tensor(opt: torch.optim.Optimizer) -> Callable[[float], None]:
+    def set_lr(lr: float) -> None:
+        for g in opt.param_groups:
+            g["lr"].fill_(lr)
+
+    return set_lr
+
+
+def torch_contenders(algo: Algo, device: torch.device, compile_torch: bool, extra: bool) -> list[H.Contender]:
+    if algo.torch_cls is None or not hasattr(torch.optim, algo.torch_cls):
+        return []
+    cls = getattr(torch.optim, algo.torch_cls)
+    kw = dict(algo.torch_kwargs)
+    flops_fn = muon_flops if algo.name == "muon" else None
+    out: list[H.Contender] = []
+
+    def eager(name: str, **impl: Any) -> H.Contender:
+        def make(params: list[torch.nn.Parameter]) -> H.Stepper:
+            opt = cls(params, lr=LR, **kw, **impl)
+            return H.Stepper(opt.step, opt, _set_lr_float(opt), flops=flops_fn(params) if flops_fn else None)
+
+        return H.Contender(name, make, compiled=False, family="torch")
+
+    if algo.foreach:
+        out.append(eager("torch foreach", foreach=True))
+    else:
+        out.append(eager("torch eager"))
+    if device.type in algo.fused_devices:
+        out.append(eager("torch fused", fused=True))
+    if extra and algo.foreach:
+        out.append(eager("torch for-loop", foreach=False))
+
+    if compile_torch:
+
+        def make_compiled(params: list[torch.nn.Parameter], **impl: Any) -> H.Stepper:
+            # What torch's compiled-optimizer tutorial says to do: LR as a 0-d tensor (an LR
+            # change then updates data, not a guard), step wrapped in torch.compile.
+            lr = torch.tensor(LR, device=params[0].device)
+            opt = cls(params, lr=lr, **kw, **impl)
+
+            @torch.compile(fullgraph=False)
+            def step() -> None:
+                opt.step()
+
+            return H.Stepper(step, opt, _set_lr_tensor(opt), flops=flops_fn(params) if flops_fn else None)
+
+        out.append(
+            H.Contender(
+                "torch.compile(step), tensor lr",
+                make_compiled,
+                compiled=True,
+                family="torch",
+                note="torch's default implementation (on CPU the per-tensor for-loop) inside torch.compile, "
+                "lr a 0-d tensor as torch's compiled-optimizer tutorial recommends",
+            )
+        )
+        if extra and algo.foreach:
+            out.append(
+                H.Contender(
+                    "torch.compile(foreach step), tensor lr",
+                    lambda ps: make_compiled(ps, foreach=True, capturable=True),
+                    compiled=True,
+                    family="torch",
+                    note="foreach=True needs capturable=True for a tensor lr",
+                )
+            )
+    return out
+
+
+def heavyball_contenders(algo: Algo, device: torch.device) -> list[H.Contender]:
+    if algo.heavyball is None:
+        return []
+    try:
+        import heavyball  # noqa: F401
+    except Exception:  # noqa: BLE001 - not installed: skipped cleanly
+        return []
+    cls_name, hkw = algo.heavyball
+    version = getattr(heavyball, "__version__", None)
+    if version is None:
+        try:
+            from importlib.metadata import version as _v
+
+            version = _v("heavyball")
+        except Exception:  # noqa: BLE001
+            version = "?"
+
+    def make(params: list[torch.nn.Parameter]) -> H.Stepper:
+        cls = getattr(heavyball, cls_name)
+        grads = [p.grad for p in params]
+        opt = cls(params, lr=LR, **hkw)
+
+        def refill() -> None:  # HeavyBall sets p.grad = None after each step
+            for p, g in zip(params, grads):
+                p.grad = g
+
+        return H.Stepper(opt.step, opt, _set_lr_float(opt), refill=refill)
+
+    return [
+        H.Contender(
+            f"heavyball {cls_name} (compiled)",
+            make,
+            compiled=True,
+            family="heavyball",
+            note=f"heavyball {version}, its default compile (mode {getattr(heavyball.utils, 'compile_mode', '?')}); "
+            "p.grad is restored untimed before each step because HeavyBall clears it",
+        )
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# opdsl contenders  ---- HOOK: skipped until the engine lands ----
+# --------------------------------------------------------------------------------------------
+
+
+def opdsl_available() -> str | None:
+    """None when ``opdsl.Optimizer`` can be imported, else the reason it cannot."""
+    try:
+        import opdsl
+
+        opdsl.Optimizer  # noqa: B018
+        return None
+    except Exception as exc:  # noqa: BLE001 - ImportError, AttributeError, a half-written engine
+        return f"{type(exc).__name__}: {exc}"
+
+
+def opdsl_contenders(spec_name: str) -> list[H.Contender]:
+    """``opdsl.Optimizer(params, spec, compile=True)`` and ``compile=False``; [] until opdsl imports."""
+    if opdsl_available() is not None:
+        return []
+    import opdsl
+
+    algo = ALGOS.get(canonical(spec_name))
+    # Same hyperparameters as the torch contenders, where the spec has them (lr is set below).
+    probe = opdsl.Optimizer([torch.nn.Parameter(torch.zeros(2, 2))], spec_name, compile=False)
+    okw = {k: v for k, v in (algo.torch_kwargs if algo else {}).items() if k in probe.spec.hyper}
+    del probe
+
+    def maker(compiled: bool) -> Callable[[list[torch.nn.Parameter]], H.Stepper]:
+        def make(params: list[torch.nn.Parameter]) -> H.Stepper:
+            grads = [p.grad for p in params]
+            opt = opdsl.Optimizer(params, spec_name, lr=LR, compile=compiled, **okw)
+            # opdsl may re-home p.grad into its flat gradient buffer: write the same numbers there
+            # instead of replacing the grad (replacing would force a gather every step).
+            for p, g in zip(params, grads):
+                if p.grad is None:
+                    p.grad = g
+                elif p.grad is not g:
+                    p.grad.copy_(g)
+            flops = muon_flops(params) if matrix else None
+            return H.Stepper(opt.step, opt, _set_lr_float(opt), flops=flops)
+
+        return make
+
+    matrix = canonical(spec_name) in MATRIX_SPECS or bool(algo and algo.only_2d)
+
+    return [
+        H.Contender(f"opdsl {spec_name} compiled", maker(True), compiled=True, family="opdsl"),
+        H.Contender(f"opdsl {spec_name} eager", maker(False), compiled=False, family="opdsl"),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Floor: the spec's own bytes moved per parameter
+# --------------------------------------------------------------------------------------------
+
+
+def bytes_per_param_fn(spec: str, algo: Algo | None, itemsize: int) -> Callable[[list[H.Result]], tuple[float, str]]:
+    def fn(results: list[H.Result]) -> tuple[float, str]:
+        if spec in OPDSL_BPP_OVERRIDE:
+            return OPDSL_BPP_OVERRIDE[spec] * itemsize / 4, "override table"
+        for r in results:
+            if r.family == "opdsl" and r.error is None and r.numel:
+                sbpp = r.state_bytes_per_param
+                return (
+                    3 * itemsize + 2 * sbpp,
+                    f"from opdsl's own state: 3x{itemsize} (p r/w, g r) + 2x{sbpp:.2f} state r/w",
+                )
+        if algo is not None:
+            return float(algo.theory_bpp(itemsize)), f"theory: {algo.bytes_doc}"
+        for r in results:
+            if r.error is None and r.numel:
+                return 3 * itemsize + 2 * r.state_bytes_per_param, f"from {r.name}'s state"
+        return float(3 * itemsize), "p r/w + g r only (no state known)"
+
+    return fn
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--specs", nargs="+", default=["adamw"], help="spec names (shipped spec or torch algo)")
+    ap.add_argument("--sizes", nargs="*", type=float, default=None,
+                    help="total params of the sized workloads (default 1e7; --full: 1e6 1e7 1e8)")
+    ap.add_argument("--n-tensors", type=int, default=101, help="tensors in each sized workload (default 101)")
+    ap.add_argument("--gpt2-scale", type=float, default=None,
+                    help="GPT-2 small width scale; 1.0 = 124M, 0 = skip (default 0.25; --full: 1.0)")
+    ap.add_argument("--full", action="store_true",
+                    help="every shipped spec (specs/*.yaml), sizes 1e6 1e7 1e8 (1e9 too on a GPU), full GPT-2, "
+                    "compiled rivals everywhere: long (an hour or more on 2 CPU cores)")
+    ap.add_argument("--repeats", type=int, default=20, help="timed interleaved rounds")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed rounds after the first call")
+    ap.add_argument("--recompile-steps", type=int, default=100, help="steps with a changing LR for the recompile count")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile of torch's step")
+    ap.add_argument("--compiled-rivals", choices=["all", "gpt2", "none"], default=None,
+                    help="workloads that get torch.compile(torch step) and HeavyBall (each compiles for a minute "
+                    "or more on 2 CPU cores): default gpt2 (the GPT-2 list only; all with --full)")
+    ap.add_argument("--no-heavyball", action="store_true")
+    ap.add_argument("--no-opdsl", action="store_true")
+    ap.add_argument("--extra", action="store_true", help="also torch for-loop and compiled foreach+capturable")
+    ap.add_argument("--only", default=None, help="substring: keep only contenders whose name contains it")
+    ap.add_argument("--warm-cache", action="store_true", help="reuse the inductor cache (default: a fresh one, so compile times are cold)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--out", default=None, help="write the markdown report here (e.g. docs/benchmarks.md)")
+    return ap.parse_args(argv)
+
+
+def shipped_specs() -> list[str]:
+    """Names of the YAML specs shipped in the repo's specs/ (or the installed opdsl.specs)."""
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "specs")
+    names = sorted(f[:-5] for f in os.listdir(here) if f.endswith(".yaml")) if os.path.isdir(here) else []
+    return names
+
+
+def load_line() -> str:
+    try:
+        la = os.getloadavg()
+        return f"load average at start {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} (1/5/15 min)"
+    except OSError:
+        return "load average n/a"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    gpu = torch.device(args.device).type == "cuda"
+    if args.sizes is None:
+        args.sizes = ([1e6, 1e7, 1e8] + ([1e9] if gpu else [])) if args.full else [1e7]
+    if args.gpt2_scale is None:
+        args.gpt2_scale = 1.0 if args.full else 0.25
+    if args.compiled_rivals is None:
+        args.compiled_rivals = "all" if args.full else "gpt2"
+    if args.full and args.specs == ["adamw"]:
+        args.specs = shipped_specs() or list(ALGOS)
+    if not args.warm_cache and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="opdsl_bench_inductor_")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+
+    workloads: list[tuple[str, list[tuple[str, H.Shape]]]] = []
+    for n in args.sizes:
+        workloads.append((f"sized {n:.0e}".replace("e+0", "e"), H.sized_shapes(n, args.n_tensors)))
+    if args.gpt2_scale > 0:
+        label = "GPT-2 small" if args.gpt2_scale == 1.0 else f"GPT-2 small x{args.gpt2_scale:g} width"
+        workloads.append((label, H.gpt2_small_shapes(args.gpt2_scale)))
+
+    opdsl_reason = None if not args.no_opdsl else "--no-opdsl"
+    if opdsl_reason is None:
+        opdsl_reason = opdsl_available()
+    machine = H.machine_line(device)
+    start_load = load_line()
+    print(machine)
+    print(start_load)
+    if opdsl_reason:
+        print(f"opdsl contenders skipped: {opdsl_reason}")
+
+    reports: list[H.WorkloadReport] = []
+    t_all = time.perf_counter()
+    for spec in args.specs:
+        cname = canonical(spec)
+        algo = ALGOS.get(cname)
+        contenders: list[H.Contender] = []
+        if opdsl_reason is None:
+            contenders += opdsl_contenders(spec)
+        if algo is not None:
+            contenders += torch_contenders(algo, device, not args.no_torch_compile, args.extra)
+            if not args.no_heavyball:
+                contenders += heavyball_contenders(algo, device)
+        if args.only:
+            contenders = [c for c in contenders if args.only in c.name]
+        if not contenders:
+            print(f"{spec}: no contenders (no torch equivalent and opdsl not importable); skipped")
+            continue
+        only_2d = (algo.only_2d if algo else False) or cname in MATRIX_SPECS
+        for wname, shapes in workloads:
+            rivals = args.compiled_rivals == "all" or (args.compiled_rivals == "gpt2" and wname.startswith("GPT-2"))
+            here = [c for c in contenders if rivals or not (c.compiled and c.family != "opdsl")]
+            try:
+                import importlib
+
+                importlib.import_module("torch._dynamo").reset()  # no compiled contender is alive between workloads
+            except Exception:  # noqa: BLE001
+                pass
+            print(f"== {spec} on {wname}: {H.numel_of(shapes) / 1e6:.2f}M params, {len(shapes)} tensors")
+            rep = H.run_workload(
+                wname, spec, shapes, here,
+                bytes_per_param_fn(cname, algo, itemsize),
+                device=device, dtype=dtype, repeats=args.repeats, warmup=args.warmup,
+                recompile_steps=args.recompile_steps, only_2d=only_2d,
+            )
+            if algo is not None:
+                rep.state_theory = (algo.state_elems * itemsize, algo.bytes_doc)
+            reports.append(rep)
+            print()
+            print(H.markdown_table(rep))
+    elapsed = time.perf_counter() - t_all
+    end_load = load_line().replace("at start", "at end")
+    start_load = f"{start_load}; {end_load}"
+    print(f"total {elapsed:.0f} s; {end_load}")
+
+    if args.out:
+        write_report(args, reports, machine, start_load, opdsl_reason, elapsed, device)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def write_report(
+    args: argparse.Namespace,
+    reports: list[H.WorkloadReport],
+    machine: str,
+    start_load: str,
+    opdsl_reason: str | None,
+    elapsed: float,
+    device: torch.device,
+) -> None:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cmd = "python benchmarks/step.py " + " ".join(sys.argv[1:])
+    lines = [
+        "# Benchmarks: optimizer step time against the memory floor",
+        "",
+        f"Generated by `{cmd}` on {now} in {elapsed:.0f} s.",
+        "",
+        f"- Machine: {machine}",
+        f"- {start_load}. The machine may be shared: contenders are interleaved (order rotated every round) "
+        "and medians reported.",
+        f"- Timing: {args.warmup} warm-up rounds, then {args.repeats} timed rounds; IQR = interquartile range.",
+        "- Floor = the spec's bytes moved per parameter x parameters / bandwidth of an in-place `x.mul_(c)` pass "
+        "over a buffer moving the same bytes, timed inside the same interleaved loop.",
+        "- First call = wall time of the first `step()` (includes compilation for compiled contenders; "
+        + ("a fresh inductor cache at the start of the run, so the first workload's compile is cold; later "
+           "workloads may reuse some of it)." if not args.warm_cache else "warm inductor cache).")
+        + " Recompiles = new dynamo graphs over "
+        f"{args.recompile_steps} steps with the LR changed before every step (must be 0).",
+        "- State B/param: bytes of the optimizer's state tensors / parameters; full-size states/tensor: state tensors "
+        "with as many elements as their parameter, per parameter tensor.",
+        f"- Peak extra MB: memory allocated above the pre-step level during one steady-state step "
+        f"({reports[0].memory_method if reports else 'n/a'}); 'kept' = still allocated after the step.",
+    ]
+    if opdsl_reason:
+        lines.append(f"- opdsl rows: not measured in this run ({opdsl_reason}).")
+    lines.append("")
+    for rep in reports:
+        lines.append(H.markdown_table(rep))
+    lines += [
+        "## GPU",
+        "",
+        "Not measured yet: no GPU was lent to the session that produced these numbers. "
+        "Run `python benchmarks/step.py --device cuda --sizes 1e6 1e7 1e8 1e9 --gpt2-scale 1.0` on one.",
+        "",
+    ]
+    if device.type == "cuda":
+        lines = lines[:-4]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
