@@ -19,5 +19,5 @@ class BiasCorrection(Block):
     beta: scalar(ge=0.0, lt=1.0)
 
     def forward(self, ctx, x, state, totals=None):
-        correction = ctx.scalar(1 - ctx.value(self.beta) ** ctx.step)
-        return x["input"] / correction.to(x["input"].dtype), {}
+        inverse = ctx.scalar(1 / (1 - ctx.value(self.beta) ** ctx.step))  # one scalar division, not one per element
+        return x["input"] * inverse.to(x["input"].dtype), {}
