@@ -85,6 +85,7 @@ class Optimizer(torch.optim.Optimizer):
                 f"valid: {', '.join(self._hyper_names)}"
             )
         defaults = {k: _normalize(k, v) for k, v in {**self.spec.hyper, **hyper}.items()}
+        self._explicit_hyper = frozenset(hyper)
         self._names: dict[int, str] = {}
         self._buckets: list[Bucket] = []
         self._step_fn: Callable[..., Any] | None = None
@@ -120,12 +121,21 @@ class Optimizer(torch.optim.Optimizer):
             if route is not None:
                 group.update({k: _normalize(k, v) for k, v in route.hyper.items()})
             group.update(explicit)
+            if self._follows_lr(explicit, route):
+                group["initial_lr"] = group["lr"]  # LR schedulers setdefault() this same value
             group["graph"] = key
             group["params"] = route_params
             group["param_names"] = [self._name(p) for p in route_params]
             self.param_groups.append(group)
         if not self._building:
             self._rebuild()
+
+    def _follows_lr(self, explicit: Mapping[str, Any], route: Any) -> bool:
+        """A spec's ``initial_lr`` (lr_0 of schedule-relative decay) defaults to the group's lr."""
+        if "initial_lr" not in self._hyper_names:
+            return False
+        given = "initial_lr" in explicit or "initial_lr" in self._explicit_hyper
+        return not given and (route is None or "initial_lr" not in route.hyper)
 
     def _split_by_route(self, params: list[torch.Tensor]):
         routed: dict[str, list[torch.Tensor]] = {}
