@@ -1,0 +1,182 @@
+"""Subspace momentum: momentum kept in a rank-r subspace of each matrix, the rest passed through as SGD.
+
+Per parameter G (m x n; ndim > 2 is viewed as (shape[0], -1)), r = min(rank, m, n):
+
+    refresh at t = 1 and every t % gap == 0 (t the 1-based step count, never reset):
+        svd     G = U S V^T of the CURRENT gradient;  m >= n: B = V_r^T (r x n),  else A = U_r (m x r)
+        topk    the r columns (m >= n) or rows (m < n) of G with the largest l2 norm
+        random  r distinct columns (m >= n) or rows (m < n), drawn from a counter-based hash of
+                (seed, parameter index in its bucket, t): reproducible and traceable (see ``random_indices``)
+        (topk/random are written as 0/1 selection matrices B or A, so one code path serves all three)
+    P(G)  = G B^T (m x r)  or  A^T G (r x n)        P*(X) = X B  or  A X
+    M_t   = beta * M_{t-1} + weight * P_t(g_t)        weight defaults to 1 - beta
+    out   = P_t*(M_t) + (g_t - P_t*(P_t(g_t)))        (the residual term only with ``residual: true``)
+
+``reset`` says what happens to M at a refresh (its coordinates belong to the old basis):
+    refresh  (default, the paper's intent) M is zeroed before the update: M_t = weight * P_new(g_t)
+    lagged   the authors' code: the refresh step still uses beta * M_old (old-basis coordinates) + weight *
+             P_new(g_t); the zeroed buffer only takes effect at the next step (t > 1 only)
+    none     never reset (the code's ``overlap_state``)
+
+Scheduling: the refresh is a ``torch.cond`` under torch.compile (``refresh: cond``), so the SVD runs only
+at refresh steps; eagerly it is a Python ``if`` on the step count (one host read of t per step). On
+accelerators inductor's cond reads its predicate on the host (one device sync per step).
+``refresh: every-step`` computes the fresh projector every step and selects it with ``torch.where``
+(no sync, but one full SVD of every matrix per step).
+
+Paper: Nguyen & Nguyen, "Subset-Norm and Subspace-Momentum", ICML 2025 (arXiv:2411.07120); code
+timmytonga/sn-sm (subspace_momentum.py, projectors/). State per matrix: the momentum (m x r or r x n) and
+the projector (r x n or m x r).
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+
+from opdsl.blocks.base import Block, Ref, Scope, StateKind, StateSpec, finite_or_zero, scalar
+from opdsl.blocks.scalar_ops import as_weight
+
+_MASK32 = 0xFFFFFFFF
+_MUL = 0x45D9F3B  # < 2**27: products of 32-bit values stay below 2**59, no int64 overflow
+
+
+def _mix32(x):
+    """A 32-bit integer hash (works on Python ints and int64 tensors holding values < 2**32)."""
+    x = ((x ^ (x >> 16)) * _MUL) & _MASK32
+    x = ((x ^ (x >> 16)) * _MUL) & _MASK32
+    return x ^ (x >> 16)
+
+
+def random_indices(n: int, r: int, seed: int, index: int, t: torch.Tensor) -> torch.Tensor:
+    """r distinct indices in [0, n), sorted: the r largest of ``mix32(mix32(t ^ key) + 0x9E3779B9 * i) * n + i``.
+
+    ``key = mix32(mix32(seed) ^ mix32(index + 0x9E3779B9))`` (Python ints, masked to 32 bits). Counter-based
+    (no generator state): the same (seed, parameter index, step) gives the same draw, eagerly or compiled, on
+    any device. Appending i makes the keys unique, so there are no ties.
+    """
+    key = _mix32(_mix32(seed & _MASK32) ^ _mix32((index + 0x9E3779B9) & _MASK32))
+    stream = _mix32((t.to(torch.int64) & _MASK32) ^ key)  # 0-d: one value per (parameter, step)
+    i = torch.arange(n, device=t.device, dtype=torch.int64)
+    scores = _mix32((stream + i * 0x9E3779B9) & _MASK32) * n + i  # i * golden < 2**63 for n < 2**31
+    return torch.sort(torch.topk(scores, r).indices).values
+
+
+def _matrix(view: torch.Tensor) -> torch.Tensor:
+    return view.reshape(view.shape[0], -1)
+
+
+def _dims(shape: torch.Size, rank: int) -> tuple[int, int, int, bool]:
+    m = shape[0]
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    return m, n, min(rank, m, n), m >= n
+
+
+class SubspaceProjector(Block):
+    """Rank-r subspace momentum of each matrix plus the orthogonal residual of the gradient."""
+
+    block: Literal["subspace-projector"]
+    input: Ref = "grad"
+    beta: scalar(ge=0.0, le=1.0) = 0.9
+    weight: scalar(ge=0.0) | None = None
+    rank: int = 128
+    gap: int = 200
+    projector: Literal["svd", "topk", "random"] = "svd"
+    reset: Literal["refresh", "lagged", "none"] = "refresh"
+    residual: bool = True
+    seed: int = 0
+    refresh: Literal["cond", "every-step"] = "cond"
+
+    PORTS: ClassVar[tuple[str, ...]] = ("input",)
+
+    def scope(self) -> Scope:
+        return Scope.TENSOR
+
+    def check_shape(self, shape: torch.Size) -> str | None:
+        if len(shape) < 2:
+            return "subspace-projector needs a matrix (ndim >= 2); route other parameters to another graph with `groups`"
+        return None
+
+    def state_specs(self) -> dict[str, StateSpec]:
+        rank = self.rank
+
+        def momentum(shape):
+            m, n, r, right = _dims(shape, rank)
+            return (m, r) if right else (r, n)
+
+        def basis(shape):
+            m, n, r, right = _dims(shape, rank)
+            return (r, n) if right else (m, r)
+
+        return {"momentum": StateSpec(StateKind.TENSOR, shape=momentum), "basis": StateSpec(StateKind.TENSOR, shape=basis)}
+
+    # ---- projectors ---------------------------------------------------------------------------------
+    def _fresh(self, index: int, g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The new basis (B: r x n if m >= n, else A: m x r) from the current gradient matrix g."""
+        m, n, r, right = _dims(g.shape, self.rank)
+        if self.projector == "svd":
+            work = g if g.dtype in (torch.float32, torch.float64) else g.float()
+            # LAPACK raises on NaN input; a non-finite gradient's step is discarded (on_nonfinite='skip'), so
+            # only make the SVD finite here.
+            u, _, vh = torch.linalg.svd(finite_or_zero(work), full_matrices=False)
+            out = vh[:r] if right else u[:, :r]
+            return out.to(g.dtype).clone(memory_format=torch.contiguous_format)  # a fresh tensor: cond outputs may not alias
+        size = n if right else m
+        if self.projector == "topk":
+            norms = torch.linalg.vector_norm(g, dim=0 if right else 1)
+            idx = torch.sort(torch.topk(norms, r).indices).values
+        else:
+            idx = random_indices(size, r, self.seed, index, t)
+        select = (idx.unsqueeze(1) == torch.arange(size, device=g.device)).to(g.dtype)  # r x size, one 1 per row
+        return select if right else select.T.contiguous()
+
+    def _bases(self, ctx, need: torch.Tensor, t: torch.Tensor, flat: torch.Tensor, old: list[torch.Tensor]):
+        if self.refresh == "every-step":
+            grads = [_matrix(v) for v in ctx.views(flat)]
+            return [torch.where(need, self._fresh(i, g, t), b) for i, (g, b) in enumerate(zip(grads, old))]
+
+        # The branches take the flat input and slice it themselves: cond refuses operands that alias each other.
+        def fresh(t, flat, old):
+            return tuple(self._fresh(i, _matrix(v), t) for i, v in enumerate(ctx.views(flat)))
+
+        def keep(t, flat, old):
+            return tuple(b.clone() for b in old)
+
+        if torch.compiler.is_compiling():
+            return list(torch.cond(need, fresh, keep, (t, flat, tuple(old))))
+        # Eager: torch.cond would trace both branches with dynamo on every call; a host read of t is cheap here.
+        return list(fresh(t, flat, old) if bool(need) else keep(t, flat, old))
+
+    # ---- the step -----------------------------------------------------------------------------------
+    def forward(self, ctx, x, state, totals=None):
+        t = ctx.step
+        need = (t == 1) | (torch.remainder(t, self.gap) == 0)
+        if self.reset == "refresh":
+            zero = need
+        elif self.reset == "lagged":
+            zero = (t > 2) & (torch.remainder(t - 1, self.gap) == 0)
+        else:
+            zero = None
+        flat = x["input"]
+        grads = [_matrix(v) for v in ctx.views(flat)]
+        bases = self._bases(ctx, need, t, flat, list(state["basis"]))
+        beta = ctx.value(self.beta)
+        weight = 1 - beta if self.weight is None else ctx.value(self.weight)
+        outs, moms = [], []
+        for seg, g, b, mom in zip(ctx.segments, grads, bases, state["momentum"]):
+            right = g.shape[0] >= g.shape[1]
+            low = g @ b.T if right else b.T @ g
+            kept = mom * as_weight(beta, mom)
+            if zero is not None:
+                kept = torch.where(zero, torch.zeros_like(kept), kept)
+            mom = kept + low * as_weight(weight, low)
+            # P*(M) + (g - P*(P(g))) = g + P*(M - P(g)): two matmuls per step instead of three
+            coords = mom - low if self.residual else mom
+            out = coords @ b if right else b @ coords
+            if self.residual:
+                out = g + out
+            outs.append(out)
+            moms.append(mom)
+        return ctx.concat(outs), {"momentum": moms, "basis": bases}
