@@ -36,8 +36,13 @@ def blocks_markdown() -> str:
     for name, family in BLOCKS.items():
         out.append(f"## `{name}`")
         classes = list(dict.fromkeys(family.values()))
-        module_doc = inspect.getdoc(sys.modules[classes[0].__module__]) or ""
-        out += ["", "```", module_doc, "```", ""]
+        # a family may span modules (direction-mixer: its own module plus one per rule family); the module
+        # named after the block comes first
+        home = name.replace("-", "_")
+        modules = sorted(dict.fromkeys(c.__module__ for c in classes), key=lambda m: m.rsplit(".", 1)[-1] != home)
+        for module in modules:
+            out += ["", "```", inspect.getdoc(sys.modules[module]) or "", "```"]
+        out.append("")
         for rule, cls in family.items():
             title = f"rule `{rule}`: " if rule is not None else ""
             out.append(f"**{title}{inspect.getdoc(cls).splitlines()[0]}**")
