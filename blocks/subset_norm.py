@@ -88,7 +88,7 @@ class SubsetNorm(Block):
 
     def forward(self, ctx, x, state, totals=None):
         beta = ctx.value(self.beta)
-        weight = 1 - beta if self.weight is None else ctx.value(self.weight)
+        weight = getattr(ctx, "scalar", lambda c: c)(1 - beta) if self.weight is None else ctx.value(self.weight)
         eps = ctx.value(self.eps)
         outs, news = [], []
         for seg, inp, s, v in zip(ctx.segments, ctx.views(x["input"]), ctx.views(x["stats"]), state["v"]):

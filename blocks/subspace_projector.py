@@ -33,6 +33,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 
 from opdsl.blocks.base import Block, Ref, Scope, StateKind, StateSpec, finite_or_zero, scalar
 from opdsl.blocks.scalar_ops import as_weight
@@ -81,12 +82,12 @@ class SubspaceProjector(Block):
     input: Ref = "grad"
     beta: scalar(ge=0.0, le=1.0) = 0.9
     weight: scalar(ge=0.0) | None = None
-    rank: int = 128
-    gap: int = 200
+    rank: int = Field(128, ge=1, description="subspace rank r (capped at min(m, n) per matrix)")
+    gap: int = Field(200, ge=1, description="refresh the basis at t = 1 and every t % gap == 0")
     projector: Literal["svd", "topk", "random"] = "svd"
     reset: Literal["refresh", "lagged", "none"] = "refresh"
     residual: bool = True
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="seed of the random projector's counter-based draw")
     refresh: Literal["cond", "every-step"] = "cond"
 
     PORTS: ClassVar[tuple[str, ...]] = ("input",)

@@ -2,6 +2,10 @@
 scgadam-diminishing and coba (HS, FR, PRP, DY, HZ, CD, LS), each against a plain float64 reference
 written straight from /work/shared/algorithms.md §1-§2 (loops over parameters, torch ops only, no opdsl),
 over 200 steps on small real models, with two parameter groups, eager and compiled.
+
+The references live in this file because the specs' tests need per-group hyperparameters, SCSAdamW's
+global sums across groups, and the CD/LS rules; the last tests check that they agree with the shared
+registry (tests/references), an independent writing of the same algorithms.
 """
 from __future__ import annotations
 
@@ -215,10 +219,6 @@ def trajectory(kind, spec, make_ref, *, compiled=False, second=None, steps=STEPS
     return max_rel_diff(model, ref_model), model, opt, ref
 
 
-def model_diff(a, b) -> float:
-    return max_rel_diff(a, b)
-
-
 # ---- SCSAdamW ----------------------------------------------------------------------------------------
 
 SECOND = {"weight_decay": 0.0, "lr": 2e-3}
@@ -250,7 +250,7 @@ def test_scsadamw_global_scope_differs_from_tensor_scope():
         )
         assert diff < TOL, (scope, diff)
         runs[scope] = model
-    assert model_diff(runs["global"], runs["tensor"]) > 1e-3
+    assert max_rel_diff(runs["global"], runs["tensor"]) > 1e-3
 
 
 def test_scsadamw_restart_sets_direction_to_gradient():
@@ -312,7 +312,9 @@ def test_scg_matches_reference(name, kind, compiled, ref_kw):
 # ---- CoBA ---------------------------------------------------------------------------------------------
 
 RULES = ["HS", "FR", "PRP", "DY", "HZ", "CD", "LS"]
-RULE_HYPER = {"M": 0.05, "a": 1.0001}  # a larger conjugate term than the default M = 1e-3 (every rule shows), still well conditioned
+# A larger conjugate term than the default M = 1e-3, so every rule shows, yet well conditioned: at M = a = 1
+# the DY and HZ trajectories amplify rounding (1e-16 -> 1e-5 over 200 steps) and no reference can match.
+RULE_HYPER = {"M": 0.05, "a": 1.0001}
 
 
 def coba_spec(rule: str = "HS", scope: str = "tensor"):
@@ -352,7 +354,7 @@ def test_coba_rules_give_distinct_trajectories():
     for i, a in enumerate(RULES):
         for b in RULES[i + 1 :]:
             # closest pairs: PRP/LS and FR/CD (their denominators differ by <d, g_{n-1}> vs -||g_{n-1}||^2)
-            assert model_diff(finals[a], finals[b]) > 5 * TOL, (a, b)
+            assert max_rel_diff(finals[a], finals[b]) > 5 * TOL, (a, b)
 
 
 @pytest.mark.parametrize(
@@ -383,7 +385,7 @@ def test_coba_row_scope_differs_from_tensor_scope():
             **RULE_HYPER,
         )
         runs[scope] = model
-    assert model_diff(runs["tensor"], runs["row"]) > 1e-4
+    assert max_rel_diff(runs["tensor"], runs["row"]) > 1e-4
 
 
 # ---- the in-file references against the shared registry (tests/references) ---------------------------
@@ -414,10 +416,10 @@ def test_in_file_reference_agrees_with_shared_registry(name, shared_kw, ours, ou
     models = [make_model(kind, torch.float64) for _ in range(2)]
     refs = [REFERENCES[name]([p.data for p in models[0].parameters()], **shared_kw),
             ours([p.data for p in models[1].parameters()], **ours_kw)]
-    for step in range(STEPS):
+    for step in range(STEPS // 2):  # formulas that differ part within a few steps; 100 keeps the file fast
         for model, ref in zip(models, refs):
             model.zero_grad()
             loss_of(model, kind, step, torch.float64).backward()
             with torch.no_grad():
                 ref.step([p.grad for p in model.parameters()])
-    assert model_diff(models[1], models[0]) < TOL / 100
+    assert max_rel_diff(models[1], models[0]) < TOL / 100
