@@ -157,3 +157,12 @@ def run_against_reference(
         with torch.no_grad():
             ref.step([p.grad for p in ref_params])
     return max_rel_diff(ours_model, ref_model)
+
+
+@pytest.fixture
+def one_thread():
+    """Small models run faster on one intra-op thread, and are immune to a busy machine's oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,13 +24,7 @@ TOL = 1e-6
 STEPS = 200
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models are tiny: one intra-op thread is faster, and far faster on a shared, busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- float64 references ------------------------------------------------------------------------------

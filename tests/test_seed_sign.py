@@ -24,13 +24,7 @@ TOL = 1e-6
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster, and immune to a busy machine's oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spec_variant(name: str, old: str, new: str):

@@ -25,13 +25,7 @@ TOL = 1e-6
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threads only add OpenMP spin-waits (15x slower on a loaded 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def with_node(spec: opdsl.Spec, node: str, graph: str = "main", **update) -> opdsl.Spec:
