@@ -157,15 +157,15 @@ class ConjugateMixer(_DirectionState):
     def _sum(self, ctx, flat: torch.Tensor) -> torch.Tensor:
         if self.reduction == "tensor":
             return ctx.segment_sum(flat)
-        return torch.cat([v.reshape(-1, _last(v.shape)).sum(-1) for v in ctx.views(flat)])
+        return torch.cat([v.reshape(-1, _last(r.shape)).sum(-1) for r, v in zip(ctx.runs, ctx.run_views(flat))])
 
     def _expand(self, ctx, per_unit: torch.Tensor) -> torch.Tensor:
         if self.reduction == "tensor":
             return ctx.expand(per_unit)
         pieces, start = [], 0
-        for s in ctx.segments:
-            width = _last(s.shape)
-            rows = s.numel // width if width else 0
+        for r in ctx.runs:
+            width = _last(r.shape)
+            rows = r.numel // width if width else 0
             pieces.append(per_unit[start : start + rows].reshape(-1, 1).expand(rows, width))
             start += rows
         return ctx.concat(pieces)

@@ -69,8 +69,8 @@ class GlobalNorm(Block):
             b2 = self._accumulated(ctx, state["b2"], totals["sq"])
             denom = b2.sqrt() if isinstance(eps, float) and eps == 0.0 else b2.sqrt() + eps
             return u / denom.to(u.dtype), {"b2": b2}
-        previous = torch.cat([b.reshape(1) for b in state["b2"]])
+        previous = torch.cat([b.reshape(-1) for b in state["b2"]])  # one (count, 1) tensor per run
         b2 = self._accumulated(ctx, previous, ctx.segment_sum(self._squares(x["stats"])))
         denom = b2.sqrt() if isinstance(eps, float) and eps == 0.0 else b2.sqrt() + eps
-        new = [b.reshape(1) for b in b2.unbind()]
+        new = [b.reshape(-1, 1) for b in ctx.run_slices(b2)]
         return u / ctx.expand(denom.to(u.dtype)), {"b2": new}

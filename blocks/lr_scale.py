@@ -44,11 +44,11 @@ class LRScale(Block):
         out = x["input"]
         if self.shape_rule != "none":
             rule = SHAPE_RULES[self.shape_rule]
-            factors = [rule(s.shape[0], s.shape[1]) for s in ctx.segments]
+            factors = [rule(r.shape[0], r.shape[1]) for r in ctx.runs]
             if len(set(factors)) == 1:
                 out = out * factors[0]
             else:
-                out = ctx.concat([v * f for v, f in zip(ctx.views(out), factors)])
+                out = ctx.concat([v * f for v, f in zip(ctx.run_views(out), factors)])
         factor = ctx.value(self.factor)
         if not (isinstance(factor, float) and factor == 1.0):
             out = out * as_weight(factor, out)

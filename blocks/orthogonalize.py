@@ -62,16 +62,9 @@ class Orthogonalize(Block):
 
     def forward(self, ctx, x, state, totals=None):
         flat = x["input"]
-        views = ctx.views(flat)
-        matrices = [v.reshape(v.shape[0], -1) for v in views]
         dtype = flat.dtype if self.dtype == "input" else _DTYPES[self.dtype]
-        out: list[torch.Tensor | None] = [None] * len(views)
-        by_shape: dict[tuple[int, int], list[int]] = {}
-        for i, m in enumerate(matrices):
-            by_shape.setdefault(tuple(m.shape), []).append(i)
-        for indices in by_shape.values():
-            stack = torch.stack([matrices[i] for i in indices]).to(dtype)
-            result = newton_schulz(stack, self.steps, self.coefficients, self.eps, self.normalize).to(flat.dtype)
-            for j, i in enumerate(indices):
-                out[i] = result[j]
+        out = []
+        for run, batch in zip(ctx.runs, ctx.run_views(flat)):  # equal shapes are one batched NS
+            matrices = batch.reshape(run.count, run.shape[0], -1).to(dtype)
+            out.append(newton_schulz(matrices, self.steps, self.coefficients, self.eps, self.normalize).to(flat.dtype))
         return ctx.concat(out), {}

@@ -63,8 +63,9 @@ def random_indices(n: int, r: int, seed: int, index: int, t: torch.Tensor) -> to
     return torch.sort(torch.topk(scores, r).indices).values
 
 
-def _matrix(view: torch.Tensor) -> torch.Tensor:
-    return view.reshape(view.shape[0], -1)
+def _matrices(batch: torch.Tensor) -> torch.Tensor:
+    """A run's (count, *shape) view as count matrices (count, shape[0], prod(shape[1:]))."""
+    return batch.reshape(batch.shape[0], batch.shape[1], -1)
 
 
 def _dims(shape: torch.Size, rank: int) -> tuple[int, int, int, bool]:
@@ -114,33 +115,39 @@ class SubspaceProjector(Block):
         return {"momentum": StateSpec(StateKind.TENSOR, shape=momentum), "basis": StateSpec(StateKind.TENSOR, shape=basis)}
 
     # ---- projectors ---------------------------------------------------------------------------------
-    def _fresh(self, index: int, g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The new basis (B: r x n if m >= n, else A: m x r) from the current gradient matrix g."""
-        m, n, r, right = _dims(g.shape, self.rank)
+    def _fresh(self, first: int, g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """New bases for a batch g of k equal-shaped matrices (k x m x n): B (k x r x n) if m >= n, else A (k x m x r).
+
+        ``first`` is the bucket index of the batch's first parameter (the random projector's per-parameter key).
+        """
+        k, (m, n) = g.shape[0], g.shape[1:]
+        _, _, r, right = _dims(g.shape[1:], self.rank)
         if self.projector == "svd":
             work = g if g.dtype in (torch.float32, torch.float64) else g.float()
             # LAPACK raises on NaN input; a non-finite gradient's step is discarded (on_nonfinite='skip'), so
             # only make the SVD finite here.
             u, _, vh = torch.linalg.svd(finite_or_zero(work), full_matrices=False)
-            out = vh[:r] if right else u[:, :r]
+            out = vh[:, :r] if right else u[:, :, :r]
             return out.to(g.dtype).clone(memory_format=torch.contiguous_format)  # a fresh tensor: cond outputs may not alias
         size = n if right else m
         if self.projector == "topk":
-            norms = torch.linalg.vector_norm(g, dim=0 if right else 1)
+            norms = torch.linalg.vector_norm(g, dim=-2 if right else -1)
             idx = torch.sort(torch.topk(norms, r).indices).values
         else:
-            idx = random_indices(size, r, self.seed, index, t)
-        select = (idx.unsqueeze(1) == torch.arange(size, device=g.device)).to(g.dtype)  # r x size, one 1 per row
-        return select if right else select.T.contiguous()
+            idx = torch.stack([random_indices(size, r, self.seed, first + j, t) for j in range(k)])
+        select = (idx.unsqueeze(-1) == torch.arange(size, device=g.device)).to(g.dtype)  # k x r x size, one 1 per row
+        return select if right else select.mT.contiguous()
 
     def _bases(self, ctx, need: torch.Tensor, t: torch.Tensor, flat: torch.Tensor, old: list[torch.Tensor]):
+        def batches(flat):
+            return [(r.first, _matrices(v)) for r, v in zip(ctx.runs, ctx.run_views(flat))]
+
         if self.refresh == "every-step":
-            grads = [_matrix(v) for v in ctx.views(flat)]
-            return [torch.where(need, self._fresh(i, g, t), b) for i, (g, b) in enumerate(zip(grads, old))]
+            return [torch.where(need, self._fresh(i, g, t), b) for (i, g), b in zip(batches(flat), old)]
 
         # The branches take the flat input and slice it themselves: cond refuses operands that alias each other.
         def fresh(t, flat, old):
-            return tuple(self._fresh(i, _matrix(v), t) for i, v in enumerate(ctx.views(flat)))
+            return tuple(self._fresh(i, g, t) for i, g in batches(flat))
 
         def keep(t, flat, old):
             return tuple(b.clone() for b in old)
@@ -161,14 +168,15 @@ class SubspaceProjector(Block):
         else:
             zero = None
         flat = x["input"]
-        grads = [_matrix(v) for v in ctx.views(flat)]
         bases = self._bases(ctx, need, t, flat, list(state["basis"]))
         beta = ctx.value(self.beta)
         weight = 1 - beta if self.weight is None else ctx.value(self.weight)
         outs, moms = [], []
-        for seg, g, b, mom in zip(ctx.segments, grads, bases, state["momentum"]):
-            right = g.shape[0] >= g.shape[1]
-            low = g @ b.T if right else b.T @ g
+        # One batch per run of equal-shaped matrices; the states are (count, ...) tensors per run.
+        for view, b, mom in zip(ctx.run_views(flat), bases, state["momentum"]):
+            g = _matrices(view)
+            right = g.shape[-2] >= g.shape[-1]
+            low = g @ b.mT if right else b.mT @ g
             kept = mom * as_weight(beta, mom)
             if zero is not None:
                 kept = torch.where(zero, torch.zeros_like(kept), kept)

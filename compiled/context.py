@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from opdsl.compiled.layout import Segment
+from opdsl.compiled.layout import Run, Segment, shape_runs
 from opdsl.expr import Expr
 
 __all__ = ["BlockContext"]
@@ -31,6 +31,7 @@ class BlockContext:
         numel: int,
     ):
         self.segments = tuple(segments)
+        self.runs: tuple[Run, ...] = shape_runs(self.segments)
         self.env = env
         self.step = step  # 0-d float64 tensor: t, already incremented for this step
         self.param = param
@@ -69,23 +70,36 @@ class BlockContext:
         return [flat[s.offset : s.end].view(s.shape) for s in self.segments]
 
     def concat(self, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Inverse of :meth:`views`: one flat tensor from per-parameter pieces (in segment order)."""
+        """Inverse of :meth:`views` (and of :meth:`run_views`): one flat tensor from pieces in buffer order."""
         if len(pieces) == 1:
             return pieces[0].reshape(-1)
         return torch.cat([p.reshape(-1) for p in pieces])
 
+    def run_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """One ``(count, *shape)`` view per run of equal-shaped parameters: batched per-tensor work.
+
+        Parameters of one shape sit back to back in a bucket (see ``layout.group_by_shape``), so a model's
+        hundred tensors are a handful of runs: per-tensor operations compile to a few batched kernels.
+        """
+        return [flat[r.offset : r.end].view(r.count, *r.shape) for r in self.runs]
+
+    def run_slices(self, per_segment: Sequence[Any]) -> list[Any]:
+        """A per-parameter sequence (or ``[n_params]`` tensor) cut into per-run pieces."""
+        return [per_segment[r.first : r.first + r.count] for r in self.runs]
+
     def segment_sum(self, flat: torch.Tensor) -> torch.Tensor:
         """Sum of each parameter's slice: shape ``[n_params]``."""
-        if len(self.segments) == 1:
-            return flat.sum().reshape(1)
-        return torch.stack([flat[s.offset : s.end].sum() for s in self.segments])
+        return torch.cat([v.reshape(v.shape[0], -1).sum(1) for v in self.run_views(flat)])
 
     def expand(self, per_segment: torch.Tensor) -> torch.Tensor:
         """Broadcast one value per parameter back over the flat layout."""
         if len(self.segments) == 1:
             return per_segment.reshape(())
-        sizes = torch.tensor([s.numel for s in self.segments], device=per_segment.device)
-        return torch.repeat_interleave(per_segment, sizes, output_size=self.numel)
+        pieces = [
+            values.reshape(r.count, 1).expand(r.count, r.shape.numel())
+            for r, values in zip(self.runs, self.run_slices(per_segment))
+        ]
+        return self.concat(pieces)
 
     def per_segment(self, values: Sequence[float]) -> torch.Tensor:
         """A ``[n_params]`` tensor of Python constants (shape-dependent factors)."""

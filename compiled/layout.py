@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Segment", "FlatBuffers"]
+__all__ = ["Segment", "Run", "FlatBuffers", "shape_runs", "group_by_shape", "run_of"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,56 @@ class Segment:
     @property
     def end(self) -> int:
         return self.offset + self.numel
+
+
+@dataclass(frozen=True)
+class Run:
+    """Consecutive parameters of one shape: ``count`` segments from segment ``first``, back to back in the buffer.
+
+    A run's slice of any flat tensor views as ``(count, *shape)``, so a per-tensor operation (a row norm, a
+    matrix product, an SVD) runs batched over the run instead of once per parameter.
+    """
+
+    first: int
+    count: int
+    offset: int
+    shape: torch.Size
+
+    @property
+    def numel(self) -> int:
+        return self.count * self.shape.numel()
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.numel
+
+
+def group_by_shape(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """The parameters reordered so that equal shapes are adjacent (shapes in order of first appearance)."""
+    first_seen: dict[torch.Size, int] = {}
+    for p in params:
+        first_seen.setdefault(p.shape, len(first_seen))
+    return sorted(params, key=lambda p: first_seen[p.shape])
+
+
+def shape_runs(segments: tuple[Segment, ...]) -> tuple[Run, ...]:
+    """Maximal runs of consecutive segments with the same shape."""
+    runs: list[Run] = []
+    for i, seg in enumerate(segments):
+        if runs and runs[-1].shape == seg.shape:
+            last = runs[-1]
+            runs[-1] = Run(last.first, last.count + 1, last.offset, last.shape)
+        else:
+            runs.append(Run(i, 1, seg.offset, seg.shape))
+    return tuple(runs)
+
+
+def run_of(runs: tuple[Run, ...], index: int) -> tuple[int, int]:
+    """(which run, position inside it) of segment ``index``."""
+    for k, run in enumerate(runs):
+        if run.first <= index < run.first + run.count:
+            return k, index - run.first
+    raise IndexError(f"segment {index} is in no run")
 
 
 def plan_segments(shapes: list[torch.Size]) -> tuple[Segment, ...]:
@@ -45,6 +95,7 @@ class FlatBuffers:
         first = params[0]
         self.params = params
         self.segments = plan_segments([p.shape for p in params])
+        self.runs = shape_runs(self.segments)
         self.numel = self.segments[-1].end if self.segments else 0
         self.device, self.dtype = first.device, first.dtype
         with torch.no_grad():

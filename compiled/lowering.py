@@ -236,11 +236,13 @@ def _write(target: torch.Tensor, new: torch.Tensor, keep) -> None:
 def _write_state(target, new, keep_flat, ok, active, kind: StateKind, ctx: BlockContext) -> None:
     if kind is StateKind.ELEMENTWISE:
         _write(target, new, keep_flat)
-    elif kind is StateKind.TENSOR:
-        for j, (t, n) in enumerate(zip(target, new)):
+    elif kind is StateKind.TENSOR:  # one (count, ...) tensor per run; a missing grad keeps its parameter's slice
+        actives = ctx.run_slices(active) if active is not None else [None] * len(target)
+        for t, n, act in zip(target, new, actives):
             keep = ok
-            if active is not None:
-                keep = active[j] if keep is None else keep & active[j]
+            if act is not None:
+                act = act.reshape(-1, *([1] * (t.ndim - 1)))
+                keep = act if keep is None else keep & act
             _write(t, n, keep)
     else:
         _write(target, new.reshape(target.shape), ok)

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from opdsl.blocks.base import StateKind, StateSpec
-from opdsl.compiled.layout import FlatBuffers
+from opdsl.compiled.layout import FlatBuffers, group_by_shape, run_of
 from opdsl.compiled.lowering import BucketArgs, Program, build_program, state_key
 from opdsl.errors import BindError
 from opdsl.expr import Expr
@@ -60,7 +60,8 @@ class Bucket:
             if spec.kind is StateKind.ELEMENTWISE:
                 total += seg.numel * value.element_size()
             elif spec.kind is StateKind.TENSOR:
-                total += value[index].numel() * value[index].element_size()
+                run, j = run_of(self.flat.runs, index)
+                total += value[run][j].numel() * value[run].element_size()
         return total
 
 
@@ -97,9 +98,11 @@ def _init_state(spec: StateSpec, flat: FlatBuffers) -> Any:
     dtype = spec.dtype or flat.dtype
     if spec.kind is StateKind.ELEMENTWISE:
         return torch.full((flat.numel,), spec.init, device=flat.device, dtype=dtype)
-    if spec.kind is StateKind.TENSOR:
+    if spec.kind is StateKind.TENSOR:  # one (count, *state shape) tensor per run of equal parameter shapes
         assert spec.shape is not None, "TENSOR state needs a shape rule"
-        return [torch.full(spec.shape(s.shape), spec.init, device=flat.device, dtype=dtype) for s in flat.segments]
+        return [
+            torch.full((r.count, *spec.shape(r.shape)), spec.init, device=flat.device, dtype=dtype) for r in flat.runs
+        ]
     return torch.full((1,), spec.init, device=flat.device, dtype=dtype)  # (1,): see compiled.lowering
 
 
@@ -133,7 +136,8 @@ def build_buckets(
         for p in group["params"]:
             by_key.setdefault((p.device, p.dtype), []).append(p)
         for (device, _dtype), params in by_key.items():
-            flat = FlatBuffers(params)
+            flat = FlatBuffers(group_by_shape(params))
+            params = flat.params
             state = {key: _init_state(s, flat) for key, s in program.state_specs.items()}
             step = torch.zeros((1,), device=device, dtype=scalar_dtype(device))  # (1,): see compiled.lowering
             buckets.append(Bucket(gi, group["graph"], flat, [names.get(id(p), "?") for p in params], program, state, step))
@@ -149,7 +153,8 @@ def per_param_state(bucket: Bucket, index: int) -> dict[str, torch.Tensor]:
         if spec.kind is StateKind.ELEMENTWISE:
             out[key] = value[seg.offset : seg.end].view(seg.shape)
         elif spec.kind is StateKind.TENSOR:
-            out[key] = value[index]
+            run, j = run_of(bucket.flat.runs, index)
+            out[key] = value[run][j]
         else:
             out[key] = value.view(())
     return out
