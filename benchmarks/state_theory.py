@@ -234,8 +234,10 @@ THEORY: dict[str, Theory] = {
         "(torch.optim.SGD's update rule)",
         sgd, {"momentum": 0.0}),
     "sgdol": Theory(
-        "two global scalars, S_ip and S_norm; eta_t is a function of them (algorithms.md §6b: SGDOL)",
-        scalars(2)),
+        "three global scalars: S_ip, S_norm and the step size eta_t for the next step, as the authors' code "
+        "keeps it (algorithms.md §6b: SGDOL; eta is a function of the sums under a fixed L, but stored it keeps "
+        "the step size decided before a change of L and is what `sized@prev` reads)",
+        scalars(3)),
     "signsgd": Theory(
         "no state (algorithms.md §7: signSGD)",
         scalars(0)),

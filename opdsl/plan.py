@@ -62,6 +62,8 @@ class Bucket:
             elif spec.kind is StateKind.TENSOR:
                 run, j = run_of(self.flat.runs, index)
                 total += value[run][j].numel() * value[run].element_size()
+            elif index == 0:  # a scalar shared by the bucket: counted once, with its first parameter
+                total += value.numel() * value.element_size()
         return total
 
 

@@ -37,10 +37,8 @@ COUNTER_KEYS = frozenset({"step"})
 SHAPES = [(12, 5), (4, 9), (150, 130), (130, 150), (4, 3, 2, 2), (7,), (), (1,)]
 
 # Specs whose count differs from the oracle: (spec, reason). Reported, not fixed here.
-KNOWN_DISAGREEMENTS = {
-    "sgdol": "opdsl keeps 3 scalars per bucket (sized.inner, sized.norm, sized.eta); the theory needs 2 "
-    "(S_ip, S_norm): eta_t = clip(S_ip / (L * S_norm), 0, 2/L) is a function of the stored sums",
-}
+KNOWN_DISAGREEMENTS: dict[str, str] = {}  # spec -> why opdsl keeps other state than the theory
+
 
 # Non-default hyperparameters that change the state the oracle predicts.
 VARIANTS = [
