@@ -90,13 +90,14 @@ class SubsetNorm(Block):
         beta = ctx.value(self.beta)
         weight = getattr(ctx, "scalar", lambda c: c)(1 - beta) if self.weight is None else ctx.value(self.weight)
         eps = ctx.value(self.eps)
-        outs, news = [], []
+        denoms, news = [], []
         # Batched over each run of equal-shaped parameters: v is one (count, *state shape) tensor per run.
-        for run, inp, s, v in zip(ctx.runs, ctx.run_views(x["input"]), ctx.run_views(x["stats"]), state["v"]):
+        for run, s, v in zip(ctx.runs, ctx.run_views(x["stats"]), state["v"]):
             view, dim, _ = subset_layout(run.shape, self.subset)
             s = s.reshape(run.count, *view)
             sq = s * s if dim is None else (s * s).sum(dim=dim + 1, keepdim=True)
             v = v * as_weight(beta, v) + sq * as_weight(weight, v)
-            outs.append(inp.reshape(run.count, *view) / (v.sqrt() + as_weight(eps, v)))
+            denoms.append((v.sqrt() + as_weight(eps, v)).expand(run.count, *view))
             news.append(v)
-        return ctx.concat(outs), {"v": news}
+        # One flat division: the broadcast denominators fuse into it, no full-size output per run is kept.
+        return x["input"] / ctx.concat(denoms), {"v": news}
