@@ -40,6 +40,7 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import harness as H  # noqa: E402
+import targets as T  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # Algorithms with a torch (and maybe HeavyBall) equivalent
@@ -109,6 +110,14 @@ OPDSL_BPP_OVERRIDE: dict[str, float] = {}
 MATRIX_SPECS = {"muon"}
 
 
+def ns_steps_of(spec_name: str) -> int | None:
+    """Newton-Schulz iterations of the spec's orthogonalize block (None: the spec orthogonalizes nothing)."""
+    from targets import blocks_of
+
+    steps = [b.steps for b in blocks_of(spec_name) if b.block == "orthogonalize"]
+    return steps[0] if steps else None
+
+
 def canonical(spec: str) -> str:
     s = spec.lower().replace("-", "_")
     if s.endswith(".yaml"):
@@ -148,6 +157,22 @@ def _set_lr_tensor(opt: torch.optim.Optimizer) -> Callable[[float], None]:
     return set_lr
 
 
+def _fused_skipping_nonfinite(cls: type, params: list[torch.nn.Parameter], kw: dict[str, Any]) -> H.Stepper:
+    """torch's fused step that leaves params and state untouched when a gradient is not finite."""
+    opt = cls(params, lr=LR, fused=True, **kw)
+    grads = [p.grad for p in params]
+    found_inf = torch.zeros((), device=params[0].device)
+    unit = torch.ones((), device=params[0].device)
+
+    def step() -> None:
+        found_inf.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, unit)
+        opt.found_inf = found_inf
+        opt.step()
+
+    return H.Stepper(step, opt, _set_lr_float(opt))
+
+
 def torch_contenders(algo: Algo, device: torch.device, compile_torch: bool, extra: bool) -> list[H.Contender]:
     if algo.torch_cls is None or not hasattr(torch.optim, algo.torch_cls):
         return []
@@ -169,6 +194,12 @@ def torch_contenders(algo: Algo, device: torch.device, compile_torch: bool, extr
         out.append(eager("torch eager"))
     if device.type in algo.fused_devices:
         out.append(eager("torch fused", fused=True))
+        out.append(H.Contender(
+            "torch fused, skips non-finite", lambda ps: _fused_skipping_nonfinite(cls, ps, kw), family="torch",
+            note="what torch offers for opdsl's default on_nonfinite='skip': GradScaler's check "
+            "(_amp_foreach_non_finite_check_and_unscale_ with scale 1, which also rewrites the gradients) and "
+            "the fused step's found_inf",
+        ))
     if extra and algo.foreach:
         out.append(eager("torch for-loop", foreach=False))
 
@@ -265,7 +296,7 @@ def opdsl_available() -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-def opdsl_contenders(spec_name: str) -> list[H.Contender]:
+def opdsl_contenders(spec_name: str, device: torch.device) -> list[H.Contender]:
     """``opdsl.Optimizer(params, spec, compile=True)`` and ``compile=False``; [] until opdsl imports."""
     if opdsl_available() is not None:
         return []
@@ -277,10 +308,10 @@ def opdsl_contenders(spec_name: str) -> list[H.Contender]:
     okw = {k: v for k, v in (algo.torch_kwargs if algo else {}).items() if k in probe.spec.hyper}
     del probe
 
-    def maker(compiled: bool) -> Callable[[list[torch.nn.Parameter]], H.Stepper]:
+    def maker(compiled: bool, **options: Any) -> Callable[[list[torch.nn.Parameter]], H.Stepper]:
         def make(params: list[torch.nn.Parameter]) -> H.Stepper:
             grads = [p.grad for p in params]
-            opt = opdsl.Optimizer(params, spec_name, lr=LR, compile=compiled, **okw)
+            opt = opdsl.Optimizer(params, spec_name, lr=LR, compile=compiled, **options, **okw)
             # opdsl may re-home p.grad into its flat gradient buffer: write the same numbers there
             # instead of replacing the grad (replacing would force a gather every step).
             for p, g in zip(params, grads):
@@ -288,17 +319,71 @@ def opdsl_contenders(spec_name: str) -> list[H.Contender]:
                     p.grad = g
                 elif p.grad is not g:
                     p.grad.copy_(g)
-            flops = muon_flops(params) if matrix else None
-            return H.Stepper(opt.step, opt, _set_lr_float(opt), flops=flops)
+            flops = muon_flops(params, ns_steps) if ns_steps else None
+            step = opt.step
+            if opt._needs_grad2:  # SGDOL: two gradients per step; the "fresh batch" here is a copy of the same one
+                saved = [p.grad.clone() for p in params]
+
+                def refill_grads() -> None:
+                    for p, g in zip(params, saved):
+                        p.grad.copy_(g)
+
+                step = lambda: opt.step(refill_grads)  # noqa: E731 (the timed step includes both gradient copies)
+            return H.Stepper(step, opt, _set_lr_float(opt), flops=flops)
 
         return make
 
-    matrix = canonical(spec_name) in MATRIX_SPECS or bool(algo and algo.only_2d)
+    ns_steps = ns_steps_of(spec_name)
 
-    return [
+    out = [
         H.Contender(f"opdsl {spec_name} compiled", maker(True), compiled=True, family="opdsl"),
         H.Contender(f"opdsl {spec_name} eager", maker(False), compiled=False, family="opdsl"),
     ]
+    if ns_steps:
+        out.append(newton_schulz_alone(spec_name, ns_steps))
+    if algo is not None and device.type in algo.fused_devices:
+        # Like for like with torch's fused kernel, which does no finiteness check of its own.
+        out.insert(1, H.Contender(
+            f"opdsl {spec_name} compiled, no check", maker(True, on_nonfinite="propagate"), compiled=True,
+            family="opdsl", note="on_nonfinite='propagate': no finiteness check of the gradients, as torch's "
+            "fused and foreach steps (the default 'skip' reads every gradient once more before the update)",
+        ))
+    return out
+
+
+def newton_schulz_alone(spec_name: str, ns_steps: int) -> H.Contender:
+    """The matmuls a matrix spec cannot avoid: batched Newton-Schulz over its matrices, compiled, nothing else.
+
+    The spec's step divided by this row's time says how close the step is to "the matmuls' time".
+    """
+    from opdsl.blocks.orthogonalize import _DTYPES, newton_schulz
+    from targets import blocks_of
+
+    block = next(b for b in blocks_of(spec_name) if b.block == "orthogonalize")
+
+    def make(params: list[torch.nn.Parameter]) -> H.Stepper:
+        by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        for p in params:
+            if p.ndim >= 2:
+                by_shape.setdefault(tuple(p.shape), []).append(p.grad.reshape(p.shape[0], -1))
+        dtype = _DTYPES.get(block.dtype, params[0].dtype)
+        batches = [torch.stack(gs).to(dtype) for gs in by_shape.values()]
+
+        @torch.compile(fullgraph=True)
+        def orthogonalize_all(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [newton_schulz(b, block.steps, block.coefficients, block.eps, block.normalize) for b in batches]
+
+        matrices = [p for p in params if p.ndim >= 2]
+        return H.Stepper(
+            lambda: orthogonalize_all(batches), None, None,
+            numel=sum(p.numel() for p in matrices), flops=muon_flops(matrices, ns_steps),
+        )
+
+    return H.Contender(
+        f"Newton-Schulz alone ({block.dtype}, batched by shape)", make, compiled=True, family="reference",
+        note=f"only the {ns_steps} Newton-Schulz iterations of {spec_name}'s orthogonalize block on the same "
+        "matrices, one batch per shape, compiled: the matmul time the spec's step cannot go below",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,6 +410,30 @@ def bytes_per_param_fn(spec: str, algo: Algo | None, itemsize: int) -> Callable[
         return float(3 * itemsize), "p r/w + g r only (no state known)"
 
     return fn
+
+
+def state_theory_of(
+    spec: str, shapes: list[tuple[str, H.Shape]], only_2d: bool, itemsize: int, algo: Algo | None
+) -> tuple[float, str] | None:
+    """State bytes per parameter in theory: the oracle in state_theory.py (algorithms.md), else the torch algo's."""
+    import state_theory
+
+    kept = [s for _, s in shapes if not only_2d or len(s) == 2]
+    numel = sum(math.prod(s) for s in kept)
+    if spec in state_theory.SPECS:
+        elements = sum(state_theory.theory_elements(spec, tuple(s)) for s in kept)
+        return elements * itemsize / numel, state_theory.theory_note(spec)
+    if algo is not None:
+        return float(algo.state_elems * itemsize), algo.bytes_doc
+    return None
+
+
+def warm_up_compiler(device: torch.device) -> float:
+    """Seconds of torch.compile's one-off start-up in this process (imports, workers), kept out of every row."""
+    t0 = time.perf_counter()
+    torch.compile(lambda x: x * 2 + 1, fullgraph=True)(torch.ones(8, device=device))
+    H.sync(device)
+    return time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     start_load = load_line()
     print(machine)
     print(start_load)
+    startup_s = warm_up_compiler(device)
+    print(f"torch.compile start-up (once per process, not in any row): {startup_s:.1f} s")
     if opdsl_reason:
         print(f"opdsl contenders skipped: {opdsl_reason}")
 
@@ -420,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         algo = ALGOS.get(cname)
         contenders: list[H.Contender] = []
         if opdsl_reason is None:
-            contenders += opdsl_contenders(spec)
+            contenders += opdsl_contenders(spec, device)
         if algo is not None:
             contenders += torch_contenders(algo, device, not args.no_torch_compile, args.extra)
             if not args.no_heavyball:
@@ -433,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         only_2d = (algo.only_2d if algo else False) or cname in MATRIX_SPECS
         for wname, shapes in workloads:
             rivals = args.compiled_rivals == "all" or (args.compiled_rivals == "gpt2" and wname.startswith("GPT-2"))
-            here = [c for c in contenders if rivals or not (c.compiled and c.family != "opdsl")]
+            here = [c for c in contenders if rivals or not (c.compiled and c.family not in ("opdsl", "reference"))]
             try:
                 import importlib
 
@@ -447,8 +558,7 @@ def main(argv: list[str] | None = None) -> int:
                 device=device, dtype=dtype, repeats=args.repeats, warmup=args.warmup,
                 recompile_steps=args.recompile_steps, only_2d=only_2d,
             )
-            if algo is not None:
-                rep.state_theory = (algo.state_elems * itemsize, algo.bytes_doc)
+            rep.state_theory = state_theory_of(spec, shapes, only_2d, itemsize, algo)
             reports.append(rep)
             print()
             print(H.markdown_table(rep))
@@ -456,9 +566,12 @@ def main(argv: list[str] | None = None) -> int:
     end_load = load_line().replace("at start", "at end")
     start_load = f"{start_load}; {end_load}"
     print(f"total {elapsed:.0f} s; {end_load}")
+    summary = T.summary_table(T.verdicts(reports))
+    print()
+    print(summary)
 
     if args.out:
-        write_report(args, reports, machine, start_load, opdsl_reason, elapsed, device)
+        write_report(args, reports, machine, start_load, opdsl_reason, elapsed, device, startup_s, summary)
         print(f"wrote {args.out}")
     return 0
 
@@ -471,6 +584,8 @@ def write_report(
     opdsl_reason: str | None,
     elapsed: float,
     device: torch.device,
+    startup_s: float,
+    summary: str,
 ) -> None:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "python benchmarks/step.py " + " ".join(sys.argv[1:])
@@ -482,6 +597,8 @@ def write_report(
         f"- Machine: {machine}",
         f"- {start_load}. The machine may be shared: contenders are interleaved (order rotated every round) "
         "and medians reported.",
+        f"- torch.compile's one-off start-up in the process ({startup_s:.1f} s) is paid before the first row "
+        "and is in no first-call figure.",
         f"- Timing: {args.warmup} warm-up rounds, then {args.repeats} timed rounds; IQR = interquartile range.",
         "- Floor = the spec's bytes moved per parameter x parameters / bandwidth of an in-place `x.mul_(c)` pass "
         "over a buffer moving the same bytes, timed inside the same interleaved loop.",
@@ -497,7 +614,7 @@ def write_report(
     ]
     if opdsl_reason:
         lines.append(f"- opdsl rows: not measured in this run ({opdsl_reason}).")
-    lines.append("")
+    lines += ["", "## Targets", "", T.__doc__.split("\n\n", 1)[1].strip(), "", summary]
     for rep in reports:
         lines.append(H.markdown_table(rep))
     lines += [
