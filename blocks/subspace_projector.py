@@ -6,7 +6,8 @@ Per parameter G (m x n; ndim > 2 is viewed as (shape[0], -1)), r = min(rank, m, 
         svd     G = U S V^T of the CURRENT gradient;  m >= n: B = V_r^T (r x n),  else A = U_r (m x r)
         topk    the r columns (m >= n) or rows (m < n) of G with the largest l2 norm
         random  r distinct columns (m >= n) or rows (m < n), drawn from a counter-based hash of
-                (seed, parameter index in its bucket, t): reproducible and traceable (see ``random_indices``)
+                (seed, parameter index in its bucket, t), a bucket ordering its parameters by shape (first
+                appearance): reproducible and traceable (see ``random_indices``)
         (topk/random are written as 0/1 selection matrices B or A, so one code path serves all three)
     P(G)  = G B^T (m x r)  or  A^T G (r x n)        P*(X) = X B  or  A X
     M_t   = beta * M_{t-1} + weight * P_t(g_t)        weight defaults to 1 - beta
