@@ -6,8 +6,8 @@ Per parameter G (m x n; ndim > 2 is viewed as (shape[0], -1)), r = min(rank, m, 
         svd     G = U S V^T of the CURRENT gradient;  m >= n: B = V_r^T (r x n),  else A = U_r (m x r)
         topk    the r columns (m >= n) or rows (m < n) of G with the largest l2 norm
         random  r distinct columns (m >= n) or rows (m < n), drawn from a counter-based hash of
-                (seed, parameter index in its bucket, t), a bucket ordering its parameters by shape (first
-                appearance): reproducible and traceable (see ``random_indices``)
+                (seed, parameter index in its param group, t): reproducible and traceable (see
+                ``random_indices``)
         (topk/random are written as 0/1 selection matrices B or A, so one code path serves all three)
     P(G)  = G B^T (m x r)  or  A^T G (r x n)        P*(X) = X B  or  A X
     M_t   = beta * M_{t-1} + weight * P_t(g_t)        weight defaults to 1 - beta
@@ -31,7 +31,7 @@ the projector (r x n or m x r).
 """
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Sequence
 
 import torch
 from pydantic import Field
@@ -116,10 +116,10 @@ class SubspaceProjector(Block):
         return {"momentum": StateSpec(StateKind.TENSOR, shape=momentum), "basis": StateSpec(StateKind.TENSOR, shape=basis)}
 
     # ---- projectors ---------------------------------------------------------------------------------
-    def _fresh(self, first: int, g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _fresh(self, keys: Sequence[int], g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """New bases for a batch g of k equal-shaped matrices (k x m x n): B (k x r x n) if m >= n, else A (k x m x r).
 
-        ``first`` is the bucket index of the batch's first parameter (the random projector's per-parameter key).
+        ``keys``: each matrix's index in its param group (the random projector's per-parameter key).
         """
         k, (m, n) = g.shape[0], g.shape[1:]
         _, _, r, right = _dims(g.shape[1:], self.rank)
@@ -135,13 +135,13 @@ class SubspaceProjector(Block):
             norms = torch.linalg.vector_norm(g, dim=-2 if right else -1)
             idx = torch.sort(torch.topk(norms, r).indices).values
         else:
-            idx = torch.stack([random_indices(size, r, self.seed, first + j, t) for j in range(k)])
+            idx = torch.stack([random_indices(size, r, self.seed, key, t) for key in keys])
         select = (idx.unsqueeze(-1) == torch.arange(size, device=g.device)).to(g.dtype)  # k x r x size, one 1 per row
         return select if right else select.mT.contiguous()
 
     def _bases(self, ctx, need: torch.Tensor, t: torch.Tensor, flat: torch.Tensor, old: list[torch.Tensor]):
         def batches(flat):
-            return [(r.first, _matrices(v)) for r, v in zip(ctx.runs, ctx.run_views(flat))]
+            return [(ctx.positions[r.first : r.first + r.count], _matrices(v)) for r, v in zip(ctx.runs, ctx.run_views(flat))]
 
         if self.refresh == "every-step":
             return [torch.where(need, self._fresh(i, g, t), b) for (i, g), b in zip(batches(flat), old)]

@@ -29,6 +29,7 @@ class BlockContext:
         step: torch.Tensor,
         param: torch.Tensor,
         numel: int,
+        positions: Sequence[int] = (),
     ):
         self.segments = tuple(segments)
         self.runs: tuple[Run, ...] = shape_runs(self.segments)
@@ -36,6 +37,9 @@ class BlockContext:
         self.step = step  # 0-d float64 tensor: t, already incremented for this step
         self.param = param
         self.numel = numel
+        # Each segment's parameter index in its param group: a key that does not depend on how parameters
+        # are bucketed (defaults to the bucket position).
+        self.positions = tuple(positions) or tuple(range(len(self.segments)))
 
     # ---- scalars ------------------------------------------------------------------------------------
     def value(self, field: float | Expr | None) -> Any:

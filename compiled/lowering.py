@@ -116,6 +116,7 @@ class BucketArgs:
     segments: tuple[Segment, ...]
     numel: int
     group_index: int
+    positions: tuple[int, ...] = ()  # each parameter's index in its param group
 
 
 @dataclass
@@ -155,7 +156,7 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
             t = steps[i].reshape(()) + 1
             env = dict(envs[i])
             env["step"] = t
-            ctx = BlockContext(b.segments, env, t, params[i], b.numel)
+            ctx = BlockContext(b.segments, env, t, params[i], b.numel, b.positions)
             runs.append(_Run(ctx, {"grad": grads[i], "param": params[i], **extras[i]}, states[i]))
         for graph_name, members in by_graph.items():
             for node in node_order[graph_name]:

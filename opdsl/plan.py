@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import torch
 
-from opdsl.blocks.base import StateKind, StateSpec
+from opdsl.blocks.base import Scope, StateKind, StateSpec
 from opdsl.compiled.layout import FlatBuffers, group_by_shape, run_of
 from opdsl.compiled.lowering import BucketArgs, Program, build_program, state_key
 from opdsl.errors import BindError
@@ -46,10 +46,11 @@ class Bucket:
     program: Program
     state: dict[str, Any]
     step: torch.Tensor
+    positions: tuple[int, ...] = ()  # each parameter's index in its param group (stable across bucketing)
 
     @property
     def args(self) -> BucketArgs:
-        return BucketArgs(self.program, self.flat.segments, self.flat.numel, self.group_index)
+        return BucketArgs(self.program, self.flat.segments, self.flat.numel, self.group_index, self.positions)
 
     def state_bytes(self, index: int) -> int:
         """Bytes of optimizer state held for the bucket's ``index``-th parameter."""
@@ -134,15 +135,23 @@ def build_buckets(
         raise BindError("the spec cannot take these parameters:\n  " + "\n  ".join(shape_problems))
     buckets: list[Bucket] = []
     for gi, (group, program) in enumerate(zip(param_groups, programs)):
+        # A program with per-tensor work gets one bucket per shape: its batched operations then read plain
+        # (count, *shape) views of whole buffers, and no per-shape result is concatenated into a full-size
+        # temporary. Purely elementwise programs keep every shape in one buffer: one kernel per step.
+        per_shape = any(s.block.scope() in (Scope.TENSOR, Scope.SUBSET) for s in program.steps)
         by_key: dict[tuple, list[torch.nn.Parameter]] = {}
+        position = {id(p): k for k, p in enumerate(group["params"])}
         for p in group["params"]:
-            by_key.setdefault((p.device, p.dtype), []).append(p)
-        for (device, _dtype), params in by_key.items():
+            by_key.setdefault((p.device, p.dtype, p.shape if per_shape else None), []).append(p)
+        for (device, _dtype, _shape), params in by_key.items():
             flat = FlatBuffers(group_by_shape(params))
             params = flat.params
             state = {key: _init_state(s, flat) for key, s in program.state_specs.items()}
             step = torch.zeros((1,), device=device, dtype=scalar_dtype(device))  # (1,): see compiled.lowering
-            buckets.append(Bucket(gi, group["graph"], flat, [names.get(id(p), "?") for p in params], program, state, step))
+            positions = tuple(position[id(p)] for p in params)
+            buckets.append(
+                Bucket(gi, group["graph"], flat, [names.get(id(p), "?") for p in params], program, state, step, positions)
+            )
     return buckets
 
 
