@@ -102,6 +102,12 @@ class Block(BaseModel):
     def scope(self) -> Scope:
         return Scope.ELEMENTWISE
 
+    def splits_by_shape(self) -> bool:
+        """Whether the block wants a bucket per parameter shape: true for a per-tensor (or per-subset)
+        reduction broadcast back over its tensor, whose per-shape results would otherwise be concatenated
+        into a full-size temporary. Matrix products and elementwise work share one bucket across shapes."""
+        return False
+
     def state_specs(self) -> dict[str, StateSpec]:
         return {}
 

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import torch
 
-from opdsl.blocks.base import Scope, StateKind, StateSpec
+from opdsl.blocks.base import StateKind, StateSpec
 from opdsl.compiled.layout import FlatBuffers, group_by_shape, run_of
 from opdsl.compiled.lowering import BucketArgs, Program, build_program, state_key
 from opdsl.errors import BindError
@@ -135,19 +135,25 @@ def build_buckets(
         raise BindError("the spec cannot take these parameters:\n  " + "\n  ".join(shape_problems))
     buckets: list[Bucket] = []
     for gi, (group, program) in enumerate(zip(param_groups, programs)):
-        # A program with per-tensor work gets one bucket per shape: its batched operations then read plain
-        # (count, *shape) views of whole buffers, and no per-shape result is concatenated into a full-size
-        # temporary. Purely elementwise programs keep every shape in one buffer: one kernel per step.
-        per_shape = any(s.block.scope() in (Scope.TENSOR, Scope.SUBSET) for s in program.steps)
+        # A program with a per-tensor reduction broadcast back over its tensor gets one bucket per shape: its
+        # batched operations then read plain (count, *shape) views of whole buffers, and no per-shape result
+        # is concatenated into a full-size temporary. Other programs keep every shape in one buffer.
+        per_shape = any(s.block.splits_by_shape() for s in program.steps)
         by_key: dict[tuple, list[torch.nn.Parameter]] = {}
         position = {id(p): k for k, p in enumerate(group["params"])}
+        counters: dict[torch.device, torch.Tensor] = {}
         for p in group["params"]:
             by_key.setdefault((p.device, p.dtype, p.shape if per_shape else None), []).append(p)
         for (device, _dtype, _shape), params in by_key.items():
             flat = FlatBuffers(group_by_shape(params))
             params = flat.params
             state = {key: _init_state(s, flat) for key, s in program.state_specs.items()}
-            step = torch.zeros((1,), device=device, dtype=scalar_dtype(device))  # (1,): see compiled.lowering
+            # One counter per group and device, shared by its buckets (they always step together): the scalar
+            # math over it (bias corrections, schedules) is then the same expression for every bucket and is
+            # traced once, not once per shape.
+            if device not in counters:
+                counters[device] = torch.zeros((1,), device=device, dtype=scalar_dtype(device))  # (1,): see compiled.lowering
+            step = counters[device]
             positions = tuple(position[id(p)] for p in params)
             buckets.append(
                 Bucket(gi, group["graph"], flat, [names.get(id(p), "?") for p in params], program, state, step, positions)
