@@ -631,7 +631,8 @@ def markdown_table(rep: WorkloadReport) -> str:
                 ok = abs(r.state_bytes_per_param - sb) <= 0.02 * max(sb, 1.0) + 0.01
                 checks.append(f"{r.name} {r.state_bytes_per_param:.2f} ({'ok' if ok else 'DIFFERS'})")
         lines.append(
-            f"State in theory: {sb:g} B/param; measured: " + ("; ".join(checks) if checks else "no opdsl row") + "."
+            f"State in theory: {sb:.3g} B/param ({rep.state_theory[1]}); measured: "
+            + ("; ".join(checks) if checks else "no opdsl row") + "."
         )
         lines.append("")
     any_flops = any(r.flops for r in rep.results)

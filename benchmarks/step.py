@@ -125,6 +125,24 @@ def canonical(spec: str) -> str:
     return ALIASES.get(s, s)
 
 
+def projector_rank_of(spec_name: str) -> int | None:
+    """Rank of the spec's subspace-projector block (None: the spec projects nothing)."""
+    from targets import blocks_of
+
+    ranks = [b.rank for b in blocks_of(spec_name) if b.block == "subspace-projector"]
+    return ranks[0] if ranks else None
+
+
+def projection_flops(params: list[torch.Tensor], rank: int) -> float:
+    """Subspace-momentum FLOPs per step (refresh steps aside): P(G) and P*(M), 2 m n r each."""
+    total = 0.0
+    for p in params:
+        if p.ndim >= 2:
+            m, n = p.shape[0], p.numel() // p.shape[0]
+            total += 4 * m * n * min(rank, m, n)
+    return total
+
+
 def muon_flops(params: list[torch.Tensor], ns_steps: int = 5) -> float:
     """Newton-Schulz FLOPs per step: per iteration X X^T (2 m^2 n), A A (2 m^3), B X (2 m^2 n)."""
     total = 0.0
@@ -320,6 +338,8 @@ def opdsl_contenders(spec_name: str, device: torch.device) -> list[H.Contender]:
                 elif p.grad is not g:
                     p.grad.copy_(g)
             flops = muon_flops(params, ns_steps) if ns_steps else None
+            if rank:
+                flops = projection_flops(params, rank)
             step = opt.step
             if opt._needs_grad2:  # SGDOL: two gradients per step; the "fresh batch" here is a copy of the same one
                 saved = [p.grad.clone() for p in params]
@@ -334,13 +354,19 @@ def opdsl_contenders(spec_name: str, device: torch.device) -> list[H.Contender]:
         return make
 
     ns_steps = ns_steps_of(spec_name)
+    rank = projector_rank_of(spec_name)
 
     out = [
         H.Contender(f"opdsl {spec_name} compiled", maker(True), compiled=True, family="opdsl"),
         H.Contender(f"opdsl {spec_name} eager", maker(False), compiled=False, family="opdsl"),
     ]
+    full_states = full_size_states_in_theory(spec_name, algo)
+    if full_states is not None and not ns_steps and not rank:
+        out.append(same_access_stream(full_states))
     if ns_steps:
         out.append(newton_schulz_alone(spec_name, ns_steps))
+    if rank:
+        out.append(projections_alone(spec_name, rank))
     if algo is not None and device.type in algo.fused_devices:
         # Like for like with torch's fused kernel, which does no finiteness check of its own.
         out.insert(1, H.Contender(
@@ -349,6 +375,54 @@ def opdsl_contenders(spec_name: str, device: torch.device) -> list[H.Contender]:
             "fused and foreach steps (the default 'skip' reads every gradient once more before the update)",
         ))
     return out
+
+
+def theory_hyper(spec_name: str, algo: Algo | None) -> dict[str, Any]:
+    """The hyperparameters the opdsl rows are given (torch's, where the spec has them) that the state theory models."""
+    import state_theory
+
+    modelled = state_theory.theory_of(spec_name).hyper
+    return {k: v for k, v in (algo.torch_kwargs if algo else {}).items() if k in modelled}
+
+
+def full_size_states_in_theory(spec_name: str, algo: Algo | None) -> int | None:
+    """Full-size state tensors per parameter in theory (None when the state is not a whole number of them)."""
+    import state_theory
+
+    if spec_name not in state_theory.SPECS:
+        return None
+    shape = (64, 48)
+    elements = state_theory.theory_elements(spec_name, shape, theory_hyper(spec_name, algo)) / math.prod(shape)
+    return int(elements) if elements == int(elements) else None
+
+
+def same_access_stream(full_states: int) -> H.Contender:
+    """The cheapest kernel with the spec's memory traffic: read p, g and each state, write p and each state.
+
+    One compiled loop doing a multiply-add per array: it tells how much of the gap to the in-place floor
+    comes from streaming 3 + 2k arrays at once rather than from the optimizer's arithmetic.
+    """
+
+    def make(params: list[torch.nn.Parameter]) -> H.Stepper:
+        with torch.no_grad():
+            flat_p = torch.cat([p.detach().reshape(-1) for p in params])
+            flat_g = torch.cat([p.grad.reshape(-1) for p in params])
+        states = [torch.zeros_like(flat_p) for _ in range(full_states)]
+        c = torch.tensor(0.5, device=flat_p.device, dtype=flat_p.dtype)
+
+        @torch.compile(fullgraph=True)
+        def stream(p: torch.Tensor, g: torch.Tensor, states: list[torch.Tensor], c: torch.Tensor) -> None:
+            for s in states:
+                s.copy_(s * c + g)
+            p.copy_(p - g * c)
+
+        return H.Stepper(lambda: stream(flat_p, flat_g, states, c), None, None)
+
+    return H.Contender(
+        f"same-access stream ({full_states} states)", make, compiled=True, family="stream",
+        note="one compiled loop that reads p, g and every full-size state and writes p and every state, with a "
+        "multiply-add each: the memory traffic of a one-pass step and none of its arithmetic",
+    )
 
 
 def newton_schulz_alone(spec_name: str, ns_steps: int) -> H.Contender:
@@ -383,6 +457,44 @@ def newton_schulz_alone(spec_name: str, ns_steps: int) -> H.Contender:
         f"Newton-Schulz alone ({block.dtype}, batched by shape)", make, compiled=True, family="reference",
         note=f"only the {ns_steps} Newton-Schulz iterations of {spec_name}'s orthogonalize block on the same "
         "matrices, one batch per shape, compiled: the matmul time the spec's step cannot go below",
+    )
+
+
+def projections_alone(spec_name: str, rank: int) -> H.Contender:
+    """The matmuls subspace momentum cannot avoid: P(G) and P*(M) per matrix, batched by shape, compiled."""
+
+    def make(params: list[torch.nn.Parameter]) -> H.Stepper:
+        by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        for p in params:
+            if p.ndim >= 2:
+                by_shape.setdefault(tuple(p.shape), []).append(p.grad.reshape(p.shape[0], -1))
+        batches = []
+        for gs in by_shape.values():
+            g = torch.stack(gs)
+            m, n = g.shape[1:]
+            r = min(rank, m, n)
+            basis = torch.randn(g.shape[0], r, n, device=g.device) if m >= n else torch.randn(g.shape[0], m, r, device=g.device)
+            batches.append((g, basis))
+
+        @torch.compile(fullgraph=True)
+        def project_all(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+            out = []
+            for g, b in batches:
+                right = g.shape[-2] >= g.shape[-1]
+                low = g @ b.mT if right else b.mT @ g
+                out.append(low @ b if right else b @ low)
+            return out
+
+        matrices = [p for p in params if p.ndim >= 2]
+        return H.Stepper(
+            lambda: project_all(batches), None, None,
+            numel=sum(p.numel() for p in matrices), flops=projection_flops(matrices, rank),
+        )
+
+    return H.Contender(
+        f"projections alone (rank {rank}, batched by shape)", make, compiled=True, family="reference",
+        note=f"only the two rank-{rank} products per matrix of {spec_name}'s subspace momentum (into the subspace "
+        "and back), batched by shape, compiled: the matmul time its step cannot go below (refresh SVDs aside)",
     )
 
 
@@ -421,8 +533,11 @@ def state_theory_of(
     kept = [s for _, s in shapes if not only_2d or len(s) == 2]
     numel = sum(math.prod(s) for s in kept)
     if spec in state_theory.SPECS:
-        elements = sum(state_theory.theory_elements(spec, tuple(s)) for s in kept)
-        return elements * itemsize / numel, state_theory.theory_note(spec)
+        # the hyperparameters the opdsl rows were given (torch's, where the spec has them) and the count depends on
+        given = theory_hyper(spec, algo)
+        elements = sum(state_theory.theory_elements(spec, tuple(s), given) for s in kept)
+        note = state_theory.theory_note(spec) + (f"; with {given}" if given else "")
+        return elements * itemsize / numel, note
     if algo is not None:
         return float(algo.state_elems * itemsize), algo.bytes_doc
     return None
@@ -544,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         only_2d = (algo.only_2d if algo else False) or cname in MATRIX_SPECS
         for wname, shapes in workloads:
             rivals = args.compiled_rivals == "all" or (args.compiled_rivals == "gpt2" and wname.startswith("GPT-2"))
-            here = [c for c in contenders if rivals or not (c.compiled and c.family not in ("opdsl", "reference"))]
+            here = [c for c in contenders if rivals or not (c.compiled and c.family not in ("opdsl", "reference", "stream"))]
             try:
                 import importlib
 
