@@ -425,8 +425,37 @@ def same_access_stream(full_states: int) -> H.Contender:
     )
 
 
+def matrix_grads_by_shape(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """The gradients of the matrices (ndim >= 2, as (shape[0], -1)), one (count, m, n) stack per shape."""
+    by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for p in params:
+        if p.ndim >= 2:
+            by_shape.setdefault(tuple(p.shape), []).append(p.grad.reshape(p.shape[0], -1))
+    return [torch.stack(gs) for gs in by_shape.values()]
+
+
+def matmuls_alone(
+    name: str,
+    note: str,
+    batches_of: Callable[[list[torch.nn.Parameter]], list[Any]],
+    compute: Callable[[list[Any]], list[torch.Tensor]],
+    flops_of: Callable[[list[torch.nn.Parameter]], float],
+) -> H.Contender:
+    """A reference row: only a matrix spec's unavoidable matmuls, on batches made once, compiled."""
+
+    def make(params: list[torch.nn.Parameter]) -> H.Stepper:
+        batches = batches_of(params)
+        compiled = torch.compile(compute, fullgraph=True)
+        matrices = [p for p in params if p.ndim >= 2]
+        return H.Stepper(
+            lambda: compiled(batches), None, None, numel=sum(p.numel() for p in matrices), flops=flops_of(matrices)
+        )
+
+    return H.Contender(name, make, compiled=True, family="reference", note=note)
+
+
 def newton_schulz_alone(spec_name: str, ns_steps: int) -> H.Contender:
-    """The matmuls a matrix spec cannot avoid: batched Newton-Schulz over its matrices, compiled, nothing else.
+    """The matmuls Muon-like specs cannot avoid: their Newton-Schulz iterations on every matrix, nothing else.
 
     The spec's step divided by this row's time says how close the step is to "the matmuls' time".
     """
@@ -435,66 +464,45 @@ def newton_schulz_alone(spec_name: str, ns_steps: int) -> H.Contender:
 
     block = next(b for b in blocks_of(spec_name) if b.block == "orthogonalize")
 
-    def make(params: list[torch.nn.Parameter]) -> H.Stepper:
-        by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
-        for p in params:
-            if p.ndim >= 2:
-                by_shape.setdefault(tuple(p.shape), []).append(p.grad.reshape(p.shape[0], -1))
+    def batches_of(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
         dtype = _DTYPES.get(block.dtype, params[0].dtype)
-        batches = [torch.stack(gs).to(dtype) for gs in by_shape.values()]
+        return [g.to(dtype) for g in matrix_grads_by_shape(params)]
 
-        @torch.compile(fullgraph=True)
-        def orthogonalize_all(batches: list[torch.Tensor]) -> list[torch.Tensor]:
-            return [newton_schulz(b, block.steps, block.coefficients, block.eps, block.normalize) for b in batches]
+    def orthogonalize_all(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [newton_schulz(b, block.steps, block.coefficients, block.eps, block.normalize) for b in batches]
 
-        matrices = [p for p in params if p.ndim >= 2]
-        return H.Stepper(
-            lambda: orthogonalize_all(batches), None, None,
-            numel=sum(p.numel() for p in matrices), flops=muon_flops(matrices, ns_steps),
-        )
-
-    return H.Contender(
-        f"Newton-Schulz alone ({block.dtype}, batched by shape)", make, compiled=True, family="reference",
-        note=f"only the {ns_steps} Newton-Schulz iterations of {spec_name}'s orthogonalize block on the same "
-        "matrices, one batch per shape, compiled: the matmul time the spec's step cannot go below",
+    return matmuls_alone(
+        f"Newton-Schulz alone ({block.dtype}, batched by shape)",
+        f"only the {ns_steps} Newton-Schulz iterations of {spec_name}'s orthogonalize block on the same matrices, "
+        "one batch per shape, compiled: the matmul time the spec's step cannot go below",
+        batches_of, orthogonalize_all, lambda matrices: muon_flops(matrices, ns_steps),
     )
 
 
 def projections_alone(spec_name: str, rank: int) -> H.Contender:
-    """The matmuls subspace momentum cannot avoid: P(G) and P*(M) per matrix, batched by shape, compiled."""
+    """The matmuls subspace momentum cannot avoid: P(G) and P*(M) per matrix (random bases of its rank)."""
 
-    def make(params: list[torch.nn.Parameter]) -> H.Stepper:
-        by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
-        for p in params:
-            if p.ndim >= 2:
-                by_shape.setdefault(tuple(p.shape), []).append(p.grad.reshape(p.shape[0], -1))
+    def batches_of(params: list[torch.nn.Parameter]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         batches = []
-        for gs in by_shape.values():
-            g = torch.stack(gs)
-            m, n = g.shape[1:]
+        for g in matrix_grads_by_shape(params):
+            k, m, n = g.shape
             r = min(rank, m, n)
-            basis = torch.randn(g.shape[0], r, n, device=g.device) if m >= n else torch.randn(g.shape[0], m, r, device=g.device)
-            batches.append((g, basis))
+            batches.append((g, torch.randn((k, r, n) if m >= n else (k, m, r), device=g.device, dtype=g.dtype)))
+        return batches
 
-        @torch.compile(fullgraph=True)
-        def project_all(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-            out = []
-            for g, b in batches:
-                right = g.shape[-2] >= g.shape[-1]
-                low = g @ b.mT if right else b.mT @ g
-                out.append(low @ b if right else b @ low)
-            return out
+    def project_all(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        out = []
+        for g, b in batches:
+            right = g.shape[-2] >= g.shape[-1]
+            low = g @ b.mT if right else b.mT @ g
+            out.append(low @ b if right else b @ low)
+        return out
 
-        matrices = [p for p in params if p.ndim >= 2]
-        return H.Stepper(
-            lambda: project_all(batches), None, None,
-            numel=sum(p.numel() for p in matrices), flops=projection_flops(matrices, rank),
-        )
-
-    return H.Contender(
-        f"projections alone (rank {rank}, batched by shape)", make, compiled=True, family="reference",
-        note=f"only the two rank-{rank} products per matrix of {spec_name}'s subspace momentum (into the subspace "
-        "and back), batched by shape, compiled: the matmul time its step cannot go below (refresh SVDs aside)",
+    return matmuls_alone(
+        f"projections alone (rank {rank}, batched by shape)",
+        f"only the two rank-{rank} products per matrix of {spec_name}'s subspace momentum (into the subspace and "
+        "back), batched by shape, compiled: the matmul time its step cannot go below (refresh SVDs aside)",
+        batches_of, project_all, lambda matrices: projection_flops(matrices, rank),
     )
 
 
