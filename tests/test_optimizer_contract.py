@@ -135,6 +135,27 @@ def test_none_grad_leaves_param_and_state_untouched_like_torch():
     assert float((m_ours - m_ref).abs().max() / m_ref.abs().max()) < 1e-6
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_none_grad_keeps_per_tensor_state_of_its_run(compiled):
+    """Per-tensor state lives in one (count, ...) tensor per run of equal shapes: a None grad must leave
+    its own slice (and parameter) untouched while the run's other parameters step."""
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in [(6, 4), (6, 4), (6, 4), (5,)]]
+    opt = opdsl.Optimizer(params, "adamw-sn", lr=1e-2, compile=compiled)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    for i in (0, 2):
+        params[i].grad = torch.randn(params[i].shape, generator=gen)
+    before = [({k: v.clone() for k, v in opt.state[p].items() if k != "step"}, p.detach().clone()) for p in params]
+    opt.step()
+    for i, (state, value) in enumerate(before):
+        unchanged = torch.equal(value, params[i]) and all(torch.equal(v, opt.state[params[i]][k]) for k, v in state.items())
+        assert unchanged == (i in (1, 3)), f"parameter {i}"
+    assert opt.state[params[1]]["sn.v"].shape == (6, 1)
+
+
 def test_module_zero_grad_and_replaced_grads_are_gathered():
     model = make_model("mlp")
     ref = copy.deepcopy(model)
