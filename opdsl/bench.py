@@ -1,4 +1,8 @@
-"""``opdsl bench``: runs ``benchmarks/step.py`` of a source checkout with the given arguments."""
+"""``opdsl bench [SPEC ...] [options]``: runs ``benchmarks/step.py`` of a source checkout.
+
+Leading spec names (shipped names or YAML paths) become ``--specs``; every option is step.py's
+(``opdsl bench --help`` lists them).
+"""
 from __future__ import annotations
 
 import runpy
@@ -6,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["main"]
+__all__ = ["main", "step_arguments"]
 
 
 def _script() -> Path | None:
@@ -17,13 +21,22 @@ def _script() -> Path | None:
     return None
 
 
+def step_arguments(argv: Sequence[str]) -> list[str]:
+    """``opdsl bench`` arguments as step.py's: leading spec names become ``--specs NAME ...``."""
+    argv = list(argv)
+    specs = []
+    while argv and not argv[0].startswith("-"):
+        specs.append(argv.pop(0))
+    return ["--specs", *specs, *argv] if specs else argv
+
+
 def main(argv: Sequence[str]) -> int:
     script = _script()
     if script is None:
         print("opdsl bench needs a source checkout (benchmarks/step.py); run it from the repository root", file=sys.stderr)
         return 2
     saved = sys.argv
-    sys.argv = [str(script), *argv]
+    sys.argv = [str(script), *step_arguments(argv)]
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exit_:

@@ -72,3 +72,12 @@ def test_block_reference_is_generated_and_current(capsys):
     assert "## `preconditioned-norm`" in out and "rule `adam`" in out
     doc = Path(__file__).resolve().parents[1] / "docs" / "blocks.md"
     assert doc.read_text() == out, "docs/blocks.md is stale: run `opdsl blocks > docs/blocks.md`"
+
+
+def test_bench_takes_spec_names_before_options():
+    from opdsl.bench import step_arguments
+
+    assert step_arguments(["adamw", "specs/lion.yaml", "--sizes", "1e6"]) == [
+        "--specs", "adamw", "specs/lion.yaml", "--sizes", "1e6",
+    ]
+    assert step_arguments(["--full", "--threads", "1"]) == ["--full", "--threads", "1"]
