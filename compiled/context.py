@@ -1,8 +1,8 @@
 """What a block sees of the back end while it runs on one bucket.
 
 Blocks compute on flat tensors; the context turns scalar fields into numbers or 0-d tensors and gives
-the segment-level operations (per-parameter views, per-parameter sums, broadcasting per-parameter values
-back over the flat layout). Everything here is traceable by torch.compile and free of host syncs.
+the layout-aware operations (batched views per run of equal shapes, per-parameter sums, broadcasting
+per-parameter values back over the flat layout). Everything here is traceable by torch.compile and free of host syncs.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class BlockContext:
         step: torch.Tensor,
         param: torch.Tensor,
         numel: int,
-        positions: Sequence[int] = (),
+        positions: Sequence[int],
     ):
         self.segments = tuple(segments)
         self.runs: tuple[Run, ...] = shape_runs(self.segments)
@@ -38,8 +38,8 @@ class BlockContext:
         self.param = param
         self.numel = numel
         # Each segment's parameter index in its param group: a key that does not depend on how parameters
-        # are bucketed (defaults to the bucket position).
-        self.positions = tuple(positions) or tuple(range(len(self.segments)))
+        # are bucketed.
+        self.positions = tuple(positions)
 
     # ---- scalars ------------------------------------------------------------------------------------
     def value(self, field: float | Expr | None) -> Any:
@@ -69,12 +69,8 @@ class BlockContext:
     def shapes(self) -> list[torch.Size]:
         return [s.shape for s in self.segments]
 
-    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Per-parameter views (parameter shapes) of a flat tensor laid out like the bucket."""
-        return [flat[s.offset : s.end].view(s.shape) for s in self.segments]
-
     def concat(self, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Inverse of :meth:`views` (and of :meth:`run_views`): one flat tensor from pieces in buffer order."""
+        """Inverse of :meth:`run_views`: one flat tensor from pieces in buffer order."""
         if len(pieces) == 1:
             return pieces[0].reshape(-1)
         return torch.cat([p.reshape(-1) for p in pieces])
@@ -104,7 +100,3 @@ class BlockContext:
             for r, values in zip(self.runs, self.run_slices(per_segment))
         ]
         return self.concat(pieces)
-
-    def per_segment(self, values: Sequence[float]) -> torch.Tensor:
-        """A ``[n_params]`` tensor of Python constants (shape-dependent factors)."""
-        return torch.tensor(list(values), device=self.param.device, dtype=self.param.dtype)

@@ -110,9 +110,6 @@ class FlatBuffers:
         self._param_ptrs = [p.data_ptr() for p in params]
         self.install_grad_views(keep_values=True)
 
-    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [flat[s.offset : s.end].view(s.shape) for s in self.segments]
-
     def install_grad_views(self, keep_values: bool) -> None:
         """Point every ``p.grad`` at its slice of the gradient buffer (copying a foreign grad in first)."""
         with torch.no_grad():

@@ -116,7 +116,7 @@ class BucketArgs:
     segments: tuple[Segment, ...]
     numel: int
     group_index: int
-    positions: tuple[int, ...] = ()  # each parameter's index in its param group
+    positions: tuple[int, ...]  # each parameter's index in its param group
 
 
 @dataclass

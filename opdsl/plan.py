@@ -46,7 +46,7 @@ class Bucket:
     program: Program
     state: dict[str, Any]
     step: torch.Tensor
-    positions: tuple[int, ...] = ()  # each parameter's index in its param group (stable across bucketing)
+    positions: tuple[int, ...]  # each parameter's index in its param group (stable across bucketing)
 
     @property
     def args(self) -> BucketArgs:
