@@ -110,27 +110,11 @@ OPDSL_BPP_OVERRIDE: dict[str, float] = {}
 MATRIX_SPECS = {"muon"}
 
 
-def ns_steps_of(spec_name: str) -> int | None:
-    """Newton-Schulz iterations of the spec's orthogonalize block (None: the spec orthogonalizes nothing)."""
-    from targets import blocks_of
-
-    steps = [b.steps for b in blocks_of(spec_name) if b.block == "orthogonalize"]
-    return steps[0] if steps else None
-
-
 def canonical(spec: str) -> str:
     s = spec.lower().replace("-", "_")
     if s.endswith(".yaml"):
         s = os.path.basename(s)[:-5]
     return ALIASES.get(s, s)
-
-
-def projector_rank_of(spec_name: str) -> int | None:
-    """Rank of the spec's subspace-projector block (None: the spec projects nothing)."""
-    from targets import blocks_of
-
-    ranks = [b.rank for b in blocks_of(spec_name) if b.block == "subspace-projector"]
-    return ranks[0] if ranks else None
 
 
 def projection_flops(params: list[torch.Tensor], rank: int) -> float:
@@ -353,8 +337,9 @@ def opdsl_contenders(spec_name: str, device: torch.device) -> list[H.Contender]:
 
         return make
 
-    ns_steps = ns_steps_of(spec_name)
-    rank = projector_rank_of(spec_name)
+    ortho, projector = T.block_of(spec_name, "orthogonalize"), T.block_of(spec_name, "subspace-projector")
+    ns_steps = ortho.steps if ortho else None
+    rank = projector.rank if projector else None
 
     out = [
         H.Contender(f"opdsl {spec_name} compiled", maker(True), compiled=True, family="opdsl"),
@@ -364,7 +349,7 @@ def opdsl_contenders(spec_name: str, device: torch.device) -> list[H.Contender]:
     if full_states is not None and not ns_steps and not rank:
         out.append(same_access_stream(full_states))
     if ns_steps:
-        out.append(newton_schulz_alone(spec_name, ns_steps))
+        out.append(newton_schulz_alone(spec_name, ortho))
     if rank:
         out.append(projections_alone(spec_name, rank))
     if algo is not None and device.type in algo.fused_devices:
@@ -454,15 +439,14 @@ def matmuls_alone(
     return H.Contender(name, make, compiled=True, family="reference", note=note)
 
 
-def newton_schulz_alone(spec_name: str, ns_steps: int) -> H.Contender:
+def newton_schulz_alone(spec_name: str, block: Any) -> H.Contender:
     """The matmuls Muon-like specs cannot avoid: their Newton-Schulz iterations on every matrix, nothing else.
 
     The spec's step divided by this row's time says how close the step is to "the matmuls' time".
     """
     from opdsl.blocks.orthogonalize import _DTYPES, newton_schulz
-    from targets import blocks_of
 
-    block = next(b for b in blocks_of(spec_name) if b.block == "orthogonalize")
+    ns_steps = block.steps
 
     def batches_of(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
         dtype = _DTYPES.get(block.dtype, params[0].dtype)

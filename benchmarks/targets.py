@@ -45,6 +45,11 @@ def blocks_of(spec_name: str) -> list:
     return _blocks_of_spec(opdsl.load_spec(spec_name), set())
 
 
+def block_of(spec_name: str, kind: str):
+    """The spec's first block of the given kind (``"orthogonalize"``, ...), or None."""
+    return next((b for b in blocks_of(spec_name) if b.block == kind), None)
+
+
 def spec_kind(spec_name: str) -> str:
     """'adamw', 'elementwise', 'reduction', 'global' or 'matrix': which target the spec is held to."""
     from opdsl.blocks.base import Scope
