@@ -19,5 +19,5 @@ class BiasCorrection(Block):
     beta: scalar(ge=0.0, lt=1.0)
 
     def forward(self, ctx, x, state, totals=None):
-        inverse = ctx.scalar(1 / (1 - ctx.value(self.beta) ** ctx.step))  # one scalar division, not one per element
+        inverse = ctx.once(1 / (1 - ctx.value(self.beta) ** ctx.step))  # one scalar division, not one per element
         return x["input"] * inverse.to(x["input"].dtype), {}

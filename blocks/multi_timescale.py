@@ -80,7 +80,7 @@ class MultiTimescaleMixer(Block):
             total = ws[0]
             for w in ws[1:]:
                 total = total + w
-            w0 = ctx.scalar(1 - total)
+            w0 = ctx.once(1 - total)
         terms = [(g, w0)] + [(x[f"momenta[{j}]"], w) for j, w in enumerate(ws)]
         out = None
         for value, weight in terms:

@@ -62,7 +62,7 @@ class AdamNorm(_Preconditioner):
             v = new["vmax"] = torch.maximum(state["vmax"], v)
         root = v.sqrt()
         if self.bias_correction:
-            root = root * ctx.scalar(torch.rsqrt(1 - ctx.value(self.beta) ** ctx.step)).to(v.dtype)
+            root = root * ctx.once(torch.rsqrt(1 - ctx.value(self.beta) ** ctx.step)).to(v.dtype)
         return self.divide(ctx, x["input"], root), new
 
 

@@ -91,7 +91,8 @@ class SubsetNorm(Block):
 
     def forward(self, ctx, x, state, totals=None):
         beta = ctx.value(self.beta)
-        weight = getattr(ctx, "scalar", lambda c: c)(1 - beta) if self.weight is None else ctx.value(self.weight)
+        once = getattr(ctx, "once", lambda c: c)
+        weight = once(1 - beta) if self.weight is None else ctx.value(self.weight)
         eps = ctx.value(self.eps)
         denoms, news = [], []
         # Batched over each run of equal-shaped parameters: v is one (count, *state shape) tensor per run.
@@ -100,7 +101,10 @@ class SubsetNorm(Block):
             s = s.reshape(run.count, *view)
             sq = s * s if dim is None else (s * s).sum(dim=dim + 1, keepdim=True)
             v = v * as_weight(beta, v) + sq * as_weight(weight, v)
-            denoms.append((v.sqrt() + as_weight(eps, v)).expand(run.count, *view))
+            denom = v.sqrt() + as_weight(eps, v)
+            if dim is not None:  # one square root per subset, not one per element
+                denom = once(denom)
+            denoms.append(denom.expand(run.count, *view))
             news.append(v)
         # One flat division: the broadcast denominators fuse into it, no full-size output per run is kept.
         return x["input"] / ctx.concat(denoms), {"v": news}

@@ -1,8 +1,10 @@
 """What a block sees of the back end while it runs on one bucket.
 
-Blocks compute on flat tensors; the context turns scalar fields into numbers or 0-d tensors and gives
-the layout-aware operations (batched views per run of equal shapes, per-parameter sums, broadcasting
-per-parameter values back over the flat layout). Everything here is traceable by torch.compile and free of host syncs.
+Blocks compute on full-size tensors in the bucket's value layout: flat ``(numel,)``, or ``(count, *shape)``
+for a one-shape bucket whose graph works on rows or columns (``Program.shaped_values``). Elementwise
+arithmetic does not care which; the context turns scalar fields into numbers or 0-d tensors and gives the
+layout-aware operations (batched views per run of equal shapes, per-parameter sums, broadcasting
+per-parameter values back over the layout). Everything here is traceable by torch.compile and free of host syncs.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class BlockContext:
         self.env = env
         self.step = step  # 0-d float64 tensor: t, already incremented for this step
         self.param = param
+        self.value_shape = tuple(param.shape)  # the layout of every full-size value: flat or (count, *shape)
         self.numel = numel
         # Each segment's parameter index in its param group: a key that does not depend on how parameters
         # are bucketed.
@@ -46,19 +49,21 @@ class BlockContext:
         """A literal stays a Python float (baked into the compiled step); an expression becomes a 0-d tensor."""
         if isinstance(field, Expr):
             result = field.evaluate(self.env)
-            return result if _PLAIN_REFERENCE.match(field.source) else self.scalar(result)
+            return result if _PLAIN_REFERENCE.match(field.source) else self.once(result)
         return field
 
     @staticmethod
-    def scalar(value: Any) -> Any:
-        """Compute a 0-d value once per step, not once per vector of the elementwise kernel.
+    def once(value: Any) -> Any:
+        """Compute a small value (0-d, or one per row/column) once per step, not once per vector of the
+        elementwise kernel that reads it.
 
-        Inductor fuses 0-d arithmetic into the consumer's loop without hoisting it: a bias correction
-        ``1 - beta ** t`` became two ``pow`` calls per 8 elements, 6x slower than the memory floor. A tiny
-        reduction cannot be inlined into a pointwise loop, so it is realised as its own one-value kernel.
+        Inductor inlines cheap pointwise producers into their consumer's loop without hoisting them: a bias
+        correction ``1 - beta ** t`` became two ``pow`` calls per 8 elements (6x slower than the memory floor),
+        and a subset-norm denominator ``sqrt(v) + eps`` a square root per element. A tiny reduction cannot be
+        inlined into a pointwise loop, so it is realised as its own small kernel.
         """
-        if isinstance(value, torch.Tensor) and value.ndim == 0:
-            return torch.stack((value, value)).amax()
+        if isinstance(value, torch.Tensor):
+            return torch.stack((value, value)).amax(0)
         return value
 
     def hyper(self, name: str) -> Any:
@@ -70,9 +75,9 @@ class BlockContext:
         return [s.shape for s in self.segments]
 
     def concat(self, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Inverse of :meth:`run_views`: one flat tensor from pieces in buffer order."""
+        """Inverse of :meth:`run_views`: one full-size value from per-run pieces in buffer order."""
         if len(pieces) == 1:
-            return pieces[0].reshape(-1)
+            return pieces[0].reshape(self.value_shape)
         return torch.cat([p.reshape(-1) for p in pieces])
 
     def run_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -81,6 +86,8 @@ class BlockContext:
         Parameters of one shape sit back to back in a bucket (see ``layout.group_by_shape``), so a model's
         hundred tensors are a handful of runs: per-tensor operations compile to a few batched kernels.
         """
+        if len(self.runs) == 1:
+            return [flat.view(self.runs[0].count, *self.runs[0].shape)]
         return [flat[r.offset : r.end].view(r.count, *r.shape) for r in self.runs]
 
     def run_slices(self, per_segment: Sequence[Any]) -> list[Any]:
@@ -92,9 +99,11 @@ class BlockContext:
         return torch.cat([v.reshape(v.shape[0], -1).sum(1) for v in self.run_views(flat)])
 
     def expand(self, per_segment: torch.Tensor) -> torch.Tensor:
-        """Broadcast one value per parameter back over the flat layout."""
+        """Broadcast one value per parameter back over the value layout."""
         if len(self.segments) == 1:
             return per_segment.reshape(())
+        if len(self.value_shape) > 1:  # (count, 1, ..., 1) broadcasts over the (count, *shape) layout
+            return per_segment.reshape(-1, *([1] * (len(self.value_shape) - 1)))
         pieces = [
             values.reshape(r.count, 1).expand(r.count, r.shape.numel())
             for r, values in zip(self.runs, self.run_slices(per_segment))
