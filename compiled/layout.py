@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Segment", "Run", "FlatBuffers", "shape_runs", "group_by_shape", "run_of"]
+__all__ = ["Segment", "Run", "FlatBuffers", "shape_runs", "group_by_shape", "run_of", "value_shape"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,13 @@ def run_of(runs: tuple[Run, ...], index: int) -> tuple[int, int]:
     raise IndexError(f"segment {index} is in no run")
 
 
+def value_shape(runs: tuple[Run, ...], numel: int) -> tuple[int, ...]:
+    """A bucket's natural shape: ``(count, *shape)`` when all its parameters have one shape, else flat."""
+    if len(runs) == 1:
+        return (runs[0].count, *runs[0].shape)
+    return (numel,)
+
+
 def plan_segments(shapes: list[torch.Size]) -> tuple[Segment, ...]:
     segments, offset = [], 0
     for shape in shapes:
@@ -104,7 +111,6 @@ class FlatBuffers:
             for p, seg in zip(params, self.segments):
                 self.param[seg.offset : seg.end].copy_(p.detach().reshape(-1))
         self._grad_views = [self.grad[s.offset : s.end].view(s.shape) for s in self.segments]
-        self._grad_ptrs = [v.data_ptr() for v in self._grad_views]
         for p, seg in zip(params, self.segments):
             p.data = self.param[seg.offset : seg.end].view(seg.shape)
         self._param_ptrs = [p.data_ptr() for p in params]
@@ -121,14 +127,13 @@ class FlatBuffers:
     def gather_grads(self) -> list[int] | None:
         """Make the gradient buffer hold every ``p.grad``; return indices of params whose grad is None.
 
-        The common case (grads are still our views) costs one pointer comparison per parameter.
+        The common case (autograd accumulated into our views) costs one identity check per parameter.
         """
         missing: list[int] = []
-        for i, (p, ptr) in enumerate(zip(self.params, self._grad_ptrs)):
+        for i, (p, view) in enumerate(zip(self.params, self._grad_views)):
             g = p.grad
-            if g is not None and g.data_ptr() == ptr and g.shape == p.shape:
+            if g is view:
                 continue
-            view = self._grad_views[i]
             with torch.no_grad():
                 if g is None:
                     view.zero_()

@@ -65,6 +65,17 @@ class Program:
     def state_specs(self) -> dict[str, StateSpec]:
         return {state_key(s.name, k): spec for s in self.steps for k, spec in s.states}
 
+    @property
+    def shaped_values(self) -> bool:
+        """Whether a one-shape bucket is stepped in its ``(count, *shape)`` layout rather than flat.
+
+        Per-row and per-column values broadcast with plain strides there. Flat, a column statistic is read at
+        ``n * (i // (m * n)) + i % n``, which inductor's CPU backend turns into a scalar gather per element
+        (5x slower). Graphs without such blocks stay flat: there every node of a bucket has one loop range and
+        inductor fuses them all, where a ``(count, rest)`` range beside a flat one would split the loops.
+        """
+        return any(s.block.scope() is Scope.SUBSET for s in self.steps)
+
 
 def build_program(graph_name: str, graph: GraphSpec, decide: Callable[[Any], bool]) -> Program:
     """Decide each node's build-time conditions with ``decide`` and resolve pass-throughs of disabled nodes."""

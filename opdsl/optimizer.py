@@ -255,13 +255,13 @@ class Optimizer(torch.optim.Optimizer):
             return loss
         buckets = self._buckets
         ok = self._compiled()(
-            [b.flat.param for b in buckets],
-            [self._first_grads[i] if self._needs_grad2 else b.flat.grad for i, b in enumerate(buckets)],
-            [b.state for b in buckets],
+            [b.shaped(b.flat.param) for b in buckets],
+            [b.shaped(self._first_grads[i] if self._needs_grad2 else b.flat.grad) for i, b in enumerate(buckets)],
+            [b.shaped_state() for b in buckets],
             [b.step for b in buckets],
             [self._envs[(b.group_index, b.flat.device)] for b in buckets],
             actives,
-            [{"grad2": b.flat.grad} if self._needs_grad2 else {} for b in buckets],
+            [{"grad2": b.shaped(b.flat.grad)} if self._needs_grad2 else {} for b in buckets],
         )
         if self.on_nonfinite != "propagate":
             self._skipped += (~ok).to(self._skipped.device)

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from opdsl.blocks.base import StateKind, StateSpec
-from opdsl.compiled.layout import FlatBuffers, group_by_shape, run_of
+from opdsl.compiled.layout import FlatBuffers, group_by_shape, run_of, value_shape
 from opdsl.compiled.lowering import BucketArgs, Program, build_program, state_key
 from opdsl.errors import BindError
 from opdsl.expr import Expr
@@ -51,6 +51,20 @@ class Bucket:
     @property
     def args(self) -> BucketArgs:
         return BucketArgs(self.program, self.flat.segments, self.flat.numel, self.group_index, self.positions)
+
+    @property
+    def value_shape(self) -> tuple[int, ...]:
+        """The layout the step computes this bucket's full-size values in (see ``Program.shaped_values``)."""
+        return value_shape(self.flat.runs, self.flat.numel) if self.program.shaped_values else (self.flat.numel,)
+
+    def shaped(self, flat: torch.Tensor) -> torch.Tensor:
+        """A full-size buffer in the step's value layout: a view, no copy."""
+        return flat.view(self.value_shape)
+
+    def shaped_state(self) -> dict[str, Any]:
+        """The state as the step takes it: full-size (elementwise) states in the value layout."""
+        kinds = self.program.state_specs
+        return {k: self.shaped(v) if kinds[k].kind is StateKind.ELEMENTWISE else v for k, v in self.state.items()}
 
     def state_bytes(self, index: int) -> int:
         """Bytes of optimizer state held for the bucket's ``index``-th parameter."""

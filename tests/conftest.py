@@ -42,6 +42,11 @@ def make_model(kind: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> 
     torch.manual_seed(seed)
     if kind == "mlp":
         model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.LayerNorm(32), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 3))
+    elif kind == "stack":  # repeated shapes: runs of two row-reduced (24x8) and two column-reduced (8x24) matrices
+        model = nn.Sequential(
+            nn.Linear(8, 24), nn.Tanh(), nn.Linear(24, 8), nn.Tanh(),
+            nn.Linear(8, 24), nn.Tanh(), nn.Linear(24, 8), nn.Tanh(), nn.Linear(8, 3),
+        )
     elif kind == "lstm":
         model = nn.ModuleDict({"lstm": nn.LSTM(6, 12, batch_first=True), "head": nn.Linear(12, 3)})
     elif kind == "transformer":
@@ -53,7 +58,7 @@ def make_model(kind: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> 
 
 def batch(kind: str, step: int, dtype: torch.dtype = torch.float32):
     g = torch.Generator().manual_seed(1000 + step)
-    if kind == "mlp":
+    if kind in ("mlp", "stack"):
         x = torch.randn(16, 8, generator=g, dtype=dtype)
         return x, torch.randint(0, 3, (16,), generator=g)
     if kind == "lstm":

@@ -165,6 +165,17 @@ def test_adagrad_sn():
     assert diff < TOL, f"adagrad-sn: {diff:.3g}"
 
 
+@pytest.mark.parametrize("name,compiled", [("adagrad-sn", True), ("adamw-sn", False)])
+def test_subset_norm_on_runs_of_equal_shapes(name, compiled):
+    """Equal shapes share a bucket stepped in its (count, rows, cols) layout: per-row and per-column
+    denominators of every parameter in a run must broadcast onto that parameter only."""
+    hyper = dict(lr=3e-2, weight_decay=1e-2)
+    diff = run("stack", name, lambda ps: REFERENCES[name](ps, **hyper), compiled=compiled, **hyper)
+    assert diff < TOL, f"{name} on runs of equal shapes: {diff:.3g}"
+    opt = opdsl.Optimizer(make_model("stack").named_parameters(), name)
+    assert sorted(b.value_shape for b in opt._buckets if len(b.value_shape) == 3) == [(1, 3, 8), (2, 8, 24), (2, 24, 8)]
+
+
 def test_adagrad_sn_with_the_codes_momentum():
     diff = run("mlp", "adagrad-sn", lambda ps: GenericOptimReference(
         ps, lr=5e-2, betas=(0.9, 1.0), numerator="ema", second="sn", correct_bias=False), lr=5e-2, momentum=0.9)
