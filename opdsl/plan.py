@@ -7,6 +7,7 @@ its program (the graph with build-time conditions decided), its state tensors an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Mapping
 
 import torch
@@ -52,9 +53,11 @@ class Bucket:
     def args(self) -> BucketArgs:
         return BucketArgs(self.program, self.flat.segments, self.flat.numel, self.group_index, self.positions)
 
-    @property
+    @cached_property
     def value_shape(self) -> tuple[int, ...]:
-        """The layout the step computes this bucket's full-size values in (see ``Program.shaped_values``)."""
+        """The layout the step computes this bucket's full-size values in (see ``Program.shaped_values``).
+
+        Fixed for the bucket's life (its program and buffers are), so worked out once, not on every step."""
         return value_shape(self.flat.runs, self.flat.numel) if self.program.shaped_values else (self.flat.numel,)
 
     def shaped(self, flat: torch.Tensor) -> torch.Tensor:
