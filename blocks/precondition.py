@@ -56,6 +56,5 @@ class Precondition(Block):
             correction = 1 - ctx.value(self.beta) ** ctx.step
             if self.exponent != 1.0:
                 correction = correction ** self.exponent
-            scalar_of = getattr(ctx, "once", lambda c: c)  # one 0-d kernel, not one pow per element
-            d = d / as_weight(scalar_of(correction), v)
+            d = d / as_weight(ctx.once(correction), v)  # one 0-d kernel, not one pow per element
         return x["input"] / _pow(d, self.power), {}

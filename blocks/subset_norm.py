@@ -91,8 +91,7 @@ class SubsetNorm(Block):
 
     def forward(self, ctx, x, state, totals=None):
         beta = ctx.value(self.beta)
-        once = getattr(ctx, "once", lambda c: c)
-        weight = once(1 - beta) if self.weight is None else ctx.value(self.weight)
+        weight = ctx.once(1 - beta) if self.weight is None else ctx.value(self.weight)
         eps = ctx.value(self.eps)
         denoms, news = [], []
         # Batched over each run of equal-shaped parameters: v is one (count, *state shape) tensor per run.
@@ -103,7 +102,7 @@ class SubsetNorm(Block):
             v = v * as_weight(beta, v) + sq * as_weight(weight, v)
             denom = v.sqrt() + as_weight(eps, v)
             if dim is not None:  # one square root per subset, not one per element
-                denom = once(denom)
+                denom = ctx.once(denom)
             denoms.append(denom.expand(run.count, *view))
             news.append(v)
         # One flat division: the broadcast denominators fuse into it, no full-size output per run is kept.
