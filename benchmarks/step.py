@@ -465,6 +465,8 @@ def newton_schulz_alone(spec_name: str, block: Any) -> H.Contender:
 
 def projections_alone(spec_name: str, rank: int) -> H.Contender:
     """The matmuls subspace momentum cannot avoid: P(G) and P*(M) per matrix (random bases of its rank)."""
+    from opdsl.blocks.subspace_projector import lift, project
+
 
     def batches_of(params: list[torch.nn.Parameter]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         batches = []
@@ -475,12 +477,7 @@ def projections_alone(spec_name: str, rank: int) -> H.Contender:
         return batches
 
     def project_all(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        out = []
-        for g, b in batches:
-            right = g.shape[-2] >= g.shape[-1]
-            low = g @ b.mT if right else b.mT @ g
-            out.append(low @ b if right else b @ low)
-        return out
+        return [lift(project(g, b), b, g) for g, b in batches]
 
     return matmuls_alone(
         f"projections alone (rank {rank}, batched by shape)",

@@ -69,6 +69,16 @@ def _matrices(batch: torch.Tensor) -> torch.Tensor:
     return batch.reshape(batch.shape[0], batch.shape[1], -1)
 
 
+def project(g: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """P(G): batched matrices into their subspace, G B^T (m >= n) or A^T G (m < n)."""
+    return g @ basis.mT if g.shape[-2] >= g.shape[-1] else basis.mT @ g
+
+
+def lift(coords: torch.Tensor, basis: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """P*(X): subspace coordinates back to the shape of ``like`` (the projected matrices), X B or A X."""
+    return coords @ basis if like.shape[-2] >= like.shape[-1] else basis @ coords
+
+
 def _dims(shape: torch.Size, rank: int) -> tuple[int, int, int, bool]:
     m = shape[0]
     n = 1
@@ -176,15 +186,14 @@ class SubspaceProjector(Block):
         # One batch per run of equal-shaped matrices; the states are (count, ...) tensors per run.
         for view, b, mom in zip(ctx.run_views(flat), bases, state["momentum"]):
             g = _matrices(view)
-            right = g.shape[-2] >= g.shape[-1]
-            low = g @ b.mT if right else b.mT @ g
+            low = project(g, b)
             kept = mom * as_weight(beta, mom)
             if zero is not None:
                 kept = torch.where(zero, torch.zeros_like(kept), kept)
             mom = kept + low * as_weight(weight, low)
             # P*(M) + (g - P*(P(g))) = g + P*(M - P(g)): two matmuls per step instead of three
             coords = mom - low if self.residual else mom
-            out = coords @ b if right else b @ coords
+            out = lift(coords, b, g)
             if self.residual:
                 out = g + out
             outs.append(out)
