@@ -99,7 +99,7 @@ class MinNormMixer(_DirectionState):
     def forward(self, ctx, x, state, totals=None):
         g, d = x["input"], state["d"]
         if self.reduction == "global":
-            lam = self.weight(ctx, totals["num"], totals["den"]).to(g.dtype)
+            lam = ctx.once(self.weight(ctx, totals["num"], totals["den"]).to(g.dtype))
         else:
             num, den = self._terms(g, d)
             acc = ctx.step.dtype

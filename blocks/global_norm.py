@@ -71,7 +71,7 @@ class GlobalNorm(Block):
         if self.span == "global":
             b2 = self._accumulated(ctx, state["b2"], totals["sq"])
             denom = b2.sqrt() if isinstance(eps, float) and eps == 0.0 else b2.sqrt() + eps
-            return u / denom.to(u.dtype), {"b2": b2}
+            return u / ctx.once(denom.to(u.dtype)), {"b2": b2}
         previous = torch.cat([b.reshape(-1) for b in state["b2"]])  # one (count, 1) tensor per run
         b2 = self._accumulated(ctx, previous, ctx.segment_sum(self._squares(x["stats"])))
         denom = b2.sqrt() if isinstance(eps, float) and eps == 0.0 else b2.sqrt() + eps

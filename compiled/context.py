@@ -99,7 +99,9 @@ class BlockContext:
         return torch.cat([v.reshape(v.shape[0], -1).sum(1) for v in self.run_views(flat)])
 
     def expand(self, per_segment: torch.Tensor) -> torch.Tensor:
-        """Broadcast one value per parameter back over the value layout."""
+        """Broadcast one value per parameter back over the value layout (a number is computed :meth:`once`)."""
+        if per_segment.dtype.is_floating_point:
+            per_segment = self.once(per_segment)
         if len(self.segments) == 1:
             return per_segment.reshape(())
         if len(self.value_shape) > 1:  # (count, 1, ..., 1) broadcasts over the (count, *shape) layout
