@@ -54,7 +54,9 @@ class GlobalNorm(Block):
         return s * s
 
     def reduce(self, ctx, x, state):
-        return {"sq": self._squares(x["stats"]).sum()}
+        sq = self._squares(x["stats"]).sum()
+        ctx.witness("stats", [sq])  # the finiteness check reads this sum instead of the gradient
+        return {"sq": sq}
 
     def _accumulated(self, ctx, previous: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
         initial = ctx.value(self.initial)
@@ -73,7 +75,9 @@ class GlobalNorm(Block):
             denom = b2.sqrt() if isinstance(eps, float) and eps == 0.0 else b2.sqrt() + eps
             return u / ctx.once(denom.to(u.dtype)), {"b2": b2}
         previous = torch.cat([b.reshape(-1) for b in state["b2"]])  # one (count, 1) tensor per run
-        b2 = self._accumulated(ctx, previous, ctx.segment_sum(self._squares(x["stats"])))
+        sq = ctx.segment_sum(self._squares(x["stats"]))
+        ctx.witness("stats", [sq])
+        b2 = self._accumulated(ctx, previous, sq)
         denom = b2.sqrt() if isinstance(eps, float) and eps == 0.0 else b2.sqrt() + eps
         new = [b.reshape(-1, 1) for b in ctx.run_slices(b2)]
         return u / ctx.expand(denom.to(u.dtype)), {"b2": new}

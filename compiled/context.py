@@ -43,6 +43,9 @@ class BlockContext:
         # Each segment's parameter index in its param group: a key that does not depend on how parameters
         # are bucketed.
         self.positions = tuple(positions)
+        # Which step value each input port of the running block reads (None: a state); set by the lowering.
+        self.reading: Mapping[str, str | None] = {}
+        self.witnesses: dict[str, list[torch.Tensor]] = {}
 
     # ---- scalars ------------------------------------------------------------------------------------
     def value(self, field: float | Expr | None) -> Any:
@@ -68,6 +71,23 @@ class BlockContext:
 
     def hyper(self, name: str) -> Any:
         return self.env[name]
+
+    # ---- finiteness witnesses -----------------------------------------------------------------------
+    def witness(self, port: str, sums_of_squares: Sequence[torch.Tensor]) -> None:
+        """Offer sums of squares of the input on ``port``, covering all of it, to the finiteness check.
+
+        ``on_nonfinite='skip'`` reads every gradient once more to find inf or NaN. A block that already sums
+        squares of a gradient over rows, columns or tensors can hand those sums over instead: a sum of squares
+        is inf or NaN exactly when one of its terms is, or when it overflows, and the check then reads a
+        handful of sums rather than the whole gradient. It also skips a step whose squares overflow (the
+        block's accumulator would turn infinite and freeze its step for good). Sums in a type with less range
+        than float32 and bfloat16 (float16 overflows at 256 squared) are not taken: they would skip ordinary steps.
+        """
+        source = self.reading.get(port)
+        if source is None or source in self.witnesses:
+            return
+        if all(torch.finfo(t.dtype).max > 1e38 for t in sums_of_squares):  # an 8-bit exponent or wider
+            self.witnesses[source] = list(sums_of_squares)
 
     # ---- layout-aware operations --------------------------------------------------------------------
     @property

@@ -4,10 +4,10 @@ A :class:`Program` is one graph as it runs for one bucket: build-time ``if:`` co
 (a disabled node passes its ``input`` through), references are resolved, and state keys are fixed as
 ``node.state``. :func:`build_step` turns all programs into a single function that
 
-1. checks the gradients are finite (``on_nonfinite='skip'``: a bad step leaves everything untouched,
-   decided on the device, with no host sync),
-2. runs every graph node by node across its buckets (a GLOBAL block's partial sums are added over all
+1. runs every graph node by node across its buckets (a GLOBAL block's partial sums are added over all
    buckets of its graph before its forward runs: one reduction the back end knows statically),
+2. checks the gradients are finite (``on_nonfinite='skip'``: a bad step leaves everything untouched,
+   decided on the device, with no host sync), through sums of squares the blocks offered where they can,
 3. applies ``param <- param - lr * output`` and writes the new states in place.
 
 The same function runs eagerly or under torch.compile (:mod:`opdsl.compiled.fusion`).
@@ -157,11 +157,6 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
     }
 
     def step(params, grads, states, steps, envs, actives, extras):
-        ok = None
-        if check_finite:
-            flags = [torch.isfinite(g).all() for g in grads]
-            flags += [torch.isfinite(t).all() for extra in extras for t in extra.values()]
-            ok = flags[0] if len(flags) == 1 else torch.stack(flags).all()
         runs: list[_Run] = []
         for i, b in enumerate(buckets):
             t = steps[i].reshape(()) + 1
@@ -185,6 +180,7 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
                     run.values[s.name] = out
                     for key, value in new.items():
                         run.new_state[state_key(s.name, key)] = value
+        ok = _all_finite([{"grad": grads[i], **extras[i]} for i in range(len(buckets))], runs) if check_finite else None
         for i, (b, run) in enumerate(zip(buckets, runs)):
             update = _read(run, b.program.output)
             lr = run.ctx.env["lr"]
@@ -217,7 +213,21 @@ def _read(run: _Run, src: "Source") -> torch.Tensor:
 
 
 def _inputs(run: _Run, s: NodeStep) -> dict[str, torch.Tensor]:
+    run.ctx.reading = {port: None if ref.from_state else ref.key for port, ref in s.inputs}
     return {port: _read(run, ref) for port, ref in s.inputs}
+
+
+def _all_finite(checked: Sequence[Mapping[str, torch.Tensor]], runs: Sequence[_Run]) -> torch.Tensor:
+    """One 0-d bool: no gradient (``grad``, ``grad2``) holds inf or NaN.
+
+    Runs after the blocks, so that a gradient whose sums of squares a block computed anyway
+    (:meth:`BlockContext.witness`) is checked through those sums instead of another pass over it.
+    """
+    flags = []
+    for values, run in zip(checked, runs):
+        for key, value in values.items():
+            flags += [torch.isfinite(t).all() for t in run.ctx.witnesses.get(key, [value])]
+    return flags[0] if len(flags) == 1 else torch.stack(flags).all()
 
 
 def _node_state(run: _Run, s: NodeStep) -> dict[str, Any]:
