@@ -155,19 +155,14 @@ class FlatBuffers:
             self.grad.zero_()
             self.install_grad_views(keep_values=False)
 
-    def check_params_still_views(self) -> None:
-        """Refuse to step if a user re-assigned ``p.data`` (the flat buffer would silently stop updating it).
+    def moved_params(self) -> list[int]:
+        """Indices of parameters whose ``.data`` no longer lives in the flat buffer (re-assigned, or the module
+        moved to another device or dtype): the buffer would silently stop updating them.
 
         Runs every step, so it compares one list of addresses (17 us for 101 parameters; comparing every
         shape too took 48 us). A re-assignment that keeps the address (a reshaped view of the same memory)
         passes: the buffer still updates that memory.
         """
         if [p.data_ptr() for p in self.params] == self._param_ptrs:
-            return
-        for i, (p, ptr) in enumerate(zip(self.params, self._param_ptrs)):
-            if p.data_ptr() != ptr:
-                raise RuntimeError(
-                    f"parameter {i} (shape {tuple(p.shape)}) no longer points into the optimizer's flat buffer "
-                    "(its .data was re-assigned or the module was moved to another device/dtype after the "
-                    "optimizer was built); build the optimizer after moving the model"
-                )
+            return []
+        return [i for i, (p, ptr) in enumerate(zip(self.params, self._param_ptrs)) if p.data_ptr() != ptr]

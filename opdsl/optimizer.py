@@ -171,6 +171,13 @@ class Optimizer(torch.optim.Optimizer):
     def _name(self, p: torch.Tensor) -> str:
         return self._names.get(id(p), f"<unnamed {tuple(p.shape)}>")
 
+    def _where(self, bucket: Bucket, i: int) -> str:
+        """A bucket's i-th parameter as the user can find it: its name, else its place in param_groups."""
+        p = bucket.flat.params[i]
+        place = f"param_groups[{bucket.group_index}]['params'][{bucket.positions[i]}]"
+        name = self._names.get(id(p))
+        return f"{name!r} ({place}, shape {tuple(p.shape)})" if name else f"{place} (shape {tuple(p.shape)})"
+
     # ---- plan -------------------------------------------------------------------------------------------
     def _rebuild(self) -> None:
         """(Re)bind the spec to the current groups, keeping state by parameter and node name."""
@@ -243,7 +250,13 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
         actives, any_grad = [], False
         for bucket in self._buckets:
-            bucket.flat.check_params_still_views()
+            moved = bucket.flat.moved_params()
+            if moved:
+                raise RuntimeError(
+                    f"parameter {self._where(bucket, moved[0])} no longer points into the optimizer's flat buffer "
+                    "(its .data was re-assigned, or the module was moved to another device or dtype after the "
+                    "optimizer was built); build the optimizer after moving the model"
+                )
             missing = bucket.flat.gather_grads()
             if missing is None:
                 actives.append(None)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 import textwrap
 
 import pytest
@@ -167,6 +168,24 @@ def test_module_zero_grad_and_replaced_grads_are_gathered():
             loss_of(m, "mlp", step).backward()
             opt.step()
     assert max_rel_diff(model, ref) < 1e-6
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["unnamed", "named"])
+def test_reassigned_parameter_data_is_refused_before_the_step(named):
+    """A parameter whose .data no longer lives in the flat buffer would silently stop being updated."""
+    model = make_model("mlp")
+    opt = opdsl.Optimizer(model.named_parameters() if named else model.parameters(), "adamw", compile=False)
+    train(model, opt, 1)
+    weight = model[3].weight
+    weight.data = weight.data.clone()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    loss_of(model, "mlp", 1).backward()
+    place = "param_groups[0]['params'][4]"
+    where = f"'3.weight' ({place}, shape (16, 32))" if named else f"{place} (shape (16, 32))"
+    with pytest.raises(RuntimeError, match=re.escape(f"parameter {where} no longer points into")):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_add_param_group_keeps_existing_state():
