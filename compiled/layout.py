@@ -111,6 +111,7 @@ class FlatBuffers:
             for p, seg in zip(params, self.segments):
                 self.param[seg.offset : seg.end].copy_(p.detach().reshape(-1))
         self._grad_views = [self.grad[s.offset : s.end].view(s.shape) for s in self.segments]
+        self._views_by_buffer: dict[int, list[torch.Tensor]] = {}
         for p, seg in zip(params, self.segments):
             p.data = self.param[seg.offset : seg.end].view(seg.shape)
         self._param_ptrs = [p.data_ptr() for p in params]
@@ -146,6 +147,20 @@ class FlatBuffers:
                     view.copy_(g.reshape(view.shape))
             p.grad = view
         return missing or None
+
+    def swap_grad(self, spare: torch.Tensor) -> torch.Tensor:
+        """Continue with ``spare`` as the (zeroed) gradient buffer and return the current one, gradients in it.
+
+        For a second gradient at the same point (``grad2``): the first stays where backward wrote it, with
+        no copy. Each buffer's views are made once and kept.
+        """
+        previous, self.grad = self.grad, spare
+        self._views_by_buffer[previous.data_ptr()] = self._grad_views
+        self._grad_views = self._views_by_buffer.get(spare.data_ptr()) or [
+            spare[s.offset : s.end].view(s.shape) for s in self.segments
+        ]
+        self.zero_grad(set_to_none=False)
+        return previous
 
     def zero_grad(self, set_to_none: bool) -> None:
         if set_to_none:

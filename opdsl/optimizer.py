@@ -292,8 +292,7 @@ class Optimizer(torch.optim.Optimizer):
             loss = closure()
         for i, bucket in enumerate(self._buckets):
             bucket.flat.gather_grads()
-            self._first_grads[i].copy_(bucket.flat.grad)
-            bucket.flat.zero_grad(set_to_none=False)
+            self._first_grads[i] = bucket.flat.swap_grad(self._first_grads[i])
         with torch.enable_grad():
             closure()
         return loss
