@@ -568,7 +568,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-heavyball", action="store_true")
     ap.add_argument("--no-opdsl", action="store_true")
     ap.add_argument("--extra", action="store_true", help="also torch for-loop and compiled foreach+capturable")
-    ap.add_argument("--only", default=None, help="substring: keep only contenders whose name contains it")
+    ap.add_argument(
+        "--only", nargs="+", default=None, metavar="SUBSTRING",
+        help="keep only contenders whose name contains one of these substrings",
+    )
     ap.add_argument("--warm-cache", action="store_true", help="reuse the inductor cache (default: a fresh one, so compile times are cold)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--out", default=None, help="write the markdown report here (e.g. docs/benchmarks.md)")
@@ -641,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_heavyball:
                 contenders += heavyball_contenders(algo, device)
         if args.only:
-            contenders = [c for c in contenders if args.only in c.name]
+            contenders = [c for c in contenders if any(part in c.name for part in args.only)]
         if not contenders:
             print(f"{spec}: no contenders (no torch equivalent and opdsl not importable); skipped")
             continue
