@@ -171,3 +171,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def with_node(spec, node: str, graph: str = "main", **update):
+    """A copy of a spec with one node's fields replaced (a build-time edit, like an ablation would be)."""
+    g = spec.graphs[graph]
+    new = g.nodes[node].model_copy(update=update)
+    return spec.model_copy(update={"graphs": {**spec.graphs, graph: g.model_copy(update={"nodes": {**g.nodes, node: new}})}})

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import opdsl
-from conftest import loss_of, make_model
+from conftest import loss_of, make_model, with_node
 
 # stack model: runs of two row-reduced (24x8) and two column-reduced (8x24) matrices, a 3x8 head and biases
 ROW_REDUCED, COLUMN_REDUCED = 2, 0  # indices into model.parameters(): 24x8 and 8x24 weights
@@ -47,18 +47,37 @@ def test_subset_norm_skips_nonfinite_gradients_through_its_sums(compile):
     assert opt.skipped_steps == len(cases)
 
 
-def test_subset_norm_check_reads_its_sums_not_the_gradient(monkeypatch):
-    """The matrices' buckets are checked through their per-row or per-column sums: no full-size isfinite."""
-    model, opt = stepped("adagrad-sn", compile=False)
+def checked_shapes(monkeypatch, model, opt) -> list[tuple[int, ...]]:
+    """Shapes of everything the finiteness check of one eager step looks at."""
     seen = []
     original = torch.isfinite
     monkeypatch.setattr(torch, "isfinite", lambda t: seen.append(tuple(t.shape)) or original(t))
     opt.zero_grad()
     loss_of(model, "stack", 5).backward()
     opt.step()
+    return seen
+
+
+def test_subset_norm_check_reads_its_sums_not_the_gradient(monkeypatch):
+    """The matrices' buckets are checked through their per-row or per-column sums: no full-size isfinite."""
+    model, opt = stepped("adagrad-sn", compile=False)
+    seen = checked_shapes(monkeypatch, model, opt)
     # runs (count, rows, cols) -> sums (count, rows, 1) for 24x8 and (count, 1, cols) for 8x24 and 3x8
     assert sorted(s for s in seen if len(s) == 3) == [(1, 1, 8), (2, 1, 24), (2, 24, 1)]
     assert all(len(s) == 1 for s in seen if len(s) != 3)  # the biases' AdaGrad bucket: its flat gradient
+
+
+# span tensor: one bucket per shape, each checked through its tensors' norms: 2 x (24x8), (24,), (8x24), (8,);
+# 1 x (3x8), (3,)
+@pytest.mark.parametrize("span, expected", [("global", [()]), ("tensor", [(1,)] * 2 + [(2,)] * 4)])
+def test_global_norm_check_reads_its_norms(monkeypatch, span, expected):
+    """AdaGrad-Norm is checked through its squared norms, the global total or one per tensor, not its gradients."""
+    model = make_model("stack")
+    spec = with_node(opdsl.load_spec("adagrad-norm"), "scaled", span=span)
+    opt = opdsl.Optimizer(model.parameters(), spec, compile=False)
+    assert sorted(checked_shapes(monkeypatch, model, opt)) == expected
+    assert poisoned_step(model, opt, COLUMN_REDUCED, float("nan"))
+    assert opt.skipped_steps == 1
 
 
 def test_overflowing_squares_skip_the_step_instead_of_freezing_the_accumulator():

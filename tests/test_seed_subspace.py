@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import opdsl
-from conftest import loss_of, make_model, run_against_reference
+from conftest import loss_of, make_model, run_against_reference, with_node
 from references import REFERENCES
 
 TOL = 1e-6
@@ -26,13 +26,6 @@ DT = torch.float64
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def with_node(spec: opdsl.Spec, node: str, graph: str = "main", **update) -> opdsl.Spec:
-    """A copy of a spec with one node's fields replaced (a build-time edit, like an ablation would be)."""
-    g = spec.graphs[graph]
-    new = g.nodes[node].model_copy(update=update)
-    return spec.model_copy(update={"graphs": {**spec.graphs, graph: g.model_copy(update={"nodes": {**g.nodes, node: new}})}})
 
 
 def without_routes(spec: opdsl.Spec) -> opdsl.Spec:

@@ -13,7 +13,7 @@ import torch
 import opdsl
 import copy
 
-from conftest import loss_of, make_model, max_rel_diff, run_side_by_side, two_groups
+from conftest import loss_of, make_model, max_rel_diff, run_side_by_side, two_groups, with_node
 
 TOL = 1e-5
 TOL_MUON_FP32 = 1e-4
@@ -70,10 +70,7 @@ def _muon_reference(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def _muon_fp32_spec() -> opdsl.Spec:
-    spec = opdsl.load_spec("muon")
-    ortho = spec.main.nodes["ortho"].model_copy(update={"dtype": "float32"})
-    main = spec.main.model_copy(update={"nodes": {**spec.main.nodes, "ortho": ortho}})
-    return spec.model_copy(update={"graphs": {**spec.graphs, "main": main}})
+    return with_node(opdsl.load_spec("muon"), "ortho", dtype="float32")
 
 
 def _ns_fp32(grad, coefficients, steps, eps):
