@@ -37,10 +37,13 @@ def test_sgdol_matches_reference(compiled):
     ref = SGDOLReference([p.data for p in ref_params])
     draws = iter(range(10_000))
 
+    last_grads = []
+
     def closure():
         opt.zero_grad()
         loss = loss_of(model, "mlp", next(draws), torch.float64)
         loss.backward()
+        last_grads[:] = [p.grad.clone() for p in model.parameters()]
         return loss
 
     for step in range(200):
@@ -54,6 +57,8 @@ def test_sgdol_matches_reference(compiled):
         with torch.no_grad():
             ref.step(*grads)
     assert max_rel_diff(model, ref_model) < 1e-6
+    # as with torch.optim, .grad holds the last closure call's gradient (the buffers alternate each step)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), last_grads))
     assert abs(float(opt.state[next(model.parameters())]["sized.eta"]) - ref.eta) < 1e-9
 
 
