@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from opdsl.compiled.layout import Run, Segment, shape_runs
+from opdsl.compiled.layout import Run, Segment, shape_runs, value_shape
 from opdsl.expr import Expr
 
 __all__ = ["BlockContext"]
@@ -107,7 +107,7 @@ class BlockContext:
         hundred tensors are a handful of runs: per-tensor operations compile to a few batched kernels.
         """
         if len(self.runs) == 1:
-            return [flat.view(self.runs[0].count, *self.runs[0].shape)]
+            return [flat.view(value_shape(self.runs, self.numel))]
         return [flat[r.offset : r.end].view(r.count, *r.shape) for r in self.runs]
 
     def run_slices(self, per_segment: Sequence[Any]) -> list[Any]:

@@ -110,12 +110,16 @@ class FlatBuffers:
             self.grad = torch.zeros(self.numel, device=self.device, dtype=self.dtype)
             for p, seg in zip(params, self.segments):
                 self.param[seg.offset : seg.end].copy_(p.detach().reshape(-1))
-        self._grad_views = [self.grad[s.offset : s.end].view(s.shape) for s in self.segments]
+        self._grad_views = self._segment_views(self.grad)
         self._views_by_buffer: dict[int, list[torch.Tensor]] = {}
         for p, seg in zip(params, self.segments):
             p.data = self.param[seg.offset : seg.end].view(seg.shape)
         self._param_ptrs = [p.data_ptr() for p in params]
         self.install_grad_views(keep_values=True)
+
+    def _segment_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Each parameter's slice of a flat buffer, in the parameter's shape."""
+        return [flat[s.offset : s.end].view(s.shape) for s in self.segments]
 
     def install_grad_views(self, keep_values: bool) -> None:
         """Point every ``p.grad`` at its slice of the gradient buffer (copying a foreign grad in first)."""
@@ -156,9 +160,7 @@ class FlatBuffers:
         """
         previous, self.grad = self.grad, spare
         self._views_by_buffer[previous.data_ptr()] = self._grad_views
-        self._grad_views = self._views_by_buffer.get(spare.data_ptr()) or [
-            spare[s.offset : s.end].view(s.shape) for s in self.segments
-        ]
+        self._grad_views = self._views_by_buffer.get(spare.data_ptr()) or self._segment_views(spare)
         self.zero_grad(set_to_none=False)
         return previous
 

@@ -64,10 +64,13 @@ class Bucket:
         """A full-size buffer in the step's value layout: a view, no copy."""
         return flat.view(self.value_shape)
 
+    @cached_property
+    def _elementwise_states(self) -> frozenset[str]:
+        return frozenset(k for k, spec in self.program.state_specs.items() if spec.kind is StateKind.ELEMENTWISE)
+
     def shaped_state(self) -> dict[str, Any]:
         """The state as the step takes it: full-size (elementwise) states in the value layout."""
-        kinds = self.program.state_specs
-        return {k: self.shaped(v) if kinds[k].kind is StateKind.ELEMENTWISE else v for k, v in self.state.items()}
+        return {k: self.shaped(v) if k in self._elementwise_states else v for k, v in self.state.items()}
 
     def state_bytes(self, index: int) -> int:
         """Bytes of optimizer state held for the bucket's ``index``-th parameter."""
