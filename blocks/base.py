@@ -81,6 +81,9 @@ class Block(BaseModel):
     Class attributes a subclass may set:
     - ``PORTS``: names of the fields that reference other nodes (inputs of the block).
     - ``PRIMARY_STATE``: the state that ``node@prev`` reads and that ``describe`` shows first.
+    - ``CARRIES_NONFINITE``: a port whose inf and NaN elements surely reach the output at the same
+      position when every other operand is finite (``x + wd * param``). A finiteness witness offered
+      on the output (``BlockContext.witness``) then also vouches for what that port read.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, arbitrary_types_allowed=True)
@@ -97,6 +100,7 @@ class Block(BaseModel):
 
     PORTS: ClassVar[tuple[str, ...]] = ("input",)
     PRIMARY_STATE: ClassVar[str | None] = None
+    CARRIES_NONFINITE: ClassVar[str | None] = None
 
     # ---- declarations -------------------------------------------------------------------------------
     def scope(self) -> Scope:

@@ -80,9 +80,12 @@ class MinNormMixer(_DirectionState):
         return g * diff, diff * diff  # summed: <g, g-d> = c - b and ||g-d||^2 = a - 2b + c
 
     def reduce(self, ctx, x, state):
-        num, den = self._terms(x["input"], state["d"])
+        g = x["input"]
+        num, den = self._terms(g, state["d"])
         acc = ctx.step.dtype  # float64 where the device has it
-        return {"num": num.sum(dtype=acc), "den": den.sum(dtype=acc)}
+        den = den.sum(dtype=acc)
+        ctx.witness("input", [den], terms_dtype=g.dtype)  # ||g - D||^2: the finiteness check reads it, not g
+        return {"num": num.sum(dtype=acc), "den": den}
 
     def weight(self, ctx, num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
         """lam from the summed terms (0-d or one per parameter); 0 where D_t must be g_t."""
@@ -103,7 +106,9 @@ class MinNormMixer(_DirectionState):
         else:
             num, den = self._terms(g, d)
             acc = ctx.step.dtype
-            lam = self.weight(ctx, ctx.segment_sum(num).to(acc), ctx.segment_sum(den).to(acc))
+            den = ctx.segment_sum(den)
+            ctx.witness("input", [den])
+            lam = self.weight(ctx, ctx.segment_sum(num).to(acc), den.to(acc))
             lam = ctx.expand(lam.to(g.dtype))
         new = torch.lerp(g, d, lam)  # g + lam*(d - g): exactly g where lam == 0
         return new, {"d": new}
@@ -201,6 +206,8 @@ class ConjugateMixer(_DirectionState):
                     "yy": lambda: y * y, "gD": lambda: g * big_d, "Dp": lambda: big_d * p}
         acc = ctx.step.dtype  # coefficients in float64 where the device has it (one value per unit)
         sums = {k: self._sum(ctx, products[k]()).to(acc) for k in _NEEDS[self.coefficient]}
+        # every rule sums g*g or g*y = g*(g - p): inf or NaN wherever g is, so the finiteness check reads it
+        ctx.witness("input", [sums["gg" if "gg" in sums else "gy"]], terms_dtype=g.dtype)
         beta = self.coefficient_of(ctx, sums) * ctx.value(self.scale)
         beta = torch.where(ctx.step == 1, torch.zeros_like(beta), beta)  # d_1 = g_1
         new = g + self._expand(ctx, beta.to(g.dtype)) * big_d

@@ -42,7 +42,11 @@ class OnlineStepSize(Block):
 
     def reduce(self, ctx, x, state):
         g, g2 = x["input"], x["second"]
-        return {"inner": (g * g2).sum(dtype=torch.float64), "norm": (g * g).sum(dtype=torch.float64)}
+        inner, norm = (g * g2).sum(dtype=torch.float64), (g * g).sum(dtype=torch.float64)
+        # the finiteness check reads these sums instead of both gradients (see BlockContext.witness)
+        ctx.witness("input", [norm], terms_dtype=g.dtype)
+        ctx.witness("second", [inner], terms_dtype=g.dtype)
+        return {"inner": inner, "norm": norm}
 
     def forward(self, ctx, x, state, totals=None):
         first = ctx.step == 1

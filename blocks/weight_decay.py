@@ -27,6 +27,7 @@ class WeightDecay(Block):
     timing: Literal["before-step", "after-step"] = "before-step"
 
     PORTS = ("input", "param")
+    CARRIES_NONFINITE = "input"  # inf or NaN in x stays inf or NaN in x * c + wd * param
 
     def forward(self, ctx, x, state, totals=None):
         wd, update, param = ctx.value(self.weight_decay), x["input"], x["param"]

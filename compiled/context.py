@@ -73,21 +73,25 @@ class BlockContext:
         return self.env[name]
 
     # ---- finiteness witnesses -----------------------------------------------------------------------
-    def witness(self, port: str, sums_of_squares: Sequence[torch.Tensor]) -> None:
-        """Offer sums of squares of the input on ``port``, covering all of it, to the finiteness check.
+    def witness(self, port: str, sums: Sequence[torch.Tensor], *, terms_dtype: torch.dtype | None = None) -> None:
+        """Offer sums over the input on ``port``, covering all of it, to the finiteness check.
 
         ``on_nonfinite='skip'`` reads every gradient once more to find inf or NaN. A block that already sums
-        squares of a gradient over rows, columns or tensors can hand those sums over instead: a sum of squares
-        is inf or NaN exactly when one of its terms is, or when it overflows, and the check then reads a
-        handful of sums rather than the whole gradient. It also skips a step whose squares overflow (the
-        block's accumulator would turn infinite and freeze its step for good). Sums in a type with less range
-        than float32 and bfloat16 (float16 overflows at 256 squared) are not taken: they would skip ordinary steps.
+        terms of a gradient over rows, columns, tensors or the model can hand those sums over instead, when
+        every term is inf or NaN wherever its element of the input is, the other operands being finite
+        states or inputs the check also covers: ``x*x``, ``(x - d)**2``, ``x*(x - p)``, ``y*x``. Such a sum is inf or NaN exactly when one of its terms is (``inf - inf`` is NaN) or when it
+        overflows, and the check then reads a handful of sums rather than the whole gradient. It also skips a
+        step whose terms overflow (the block's accumulator would turn infinite and freeze its step for good)
+        and, for a difference with a state, a step on a state that is no longer finite. Terms formed in a type
+        with less range than float32 and bfloat16 (float16 overflows at 256 squared) are not taken: they would
+        skip ordinary steps. ``terms_dtype`` is the type the terms were formed in; the sums' own by default.
         """
         source = self.reading.get(port)
         if source is None or source in self.witnesses:
             return
-        if all(torch.finfo(t.dtype).max > 1e38 for t in sums_of_squares):  # an 8-bit exponent or wider
-            self.witnesses[source] = list(sums_of_squares)
+        dtypes = [terms_dtype] if terms_dtype is not None else []
+        if all(torch.finfo(d).max > 1e38 for d in dtypes + [t.dtype for t in sums]):  # an 8-bit exponent or wider
+            self.witnesses[source] = list(sums)
 
     # ---- layout-aware operations --------------------------------------------------------------------
     @property

@@ -136,6 +136,8 @@ class _Run:
     values: dict[str, torch.Tensor]
     state: Mapping[str, Any]
     new_state: dict[str, Any] = field(default_factory=dict)
+    # node output -> the source (grad, grad2) whose inf and NaN it carries (Block.CARRIES_NONFINITE)
+    carried: dict[str, str] = field(default_factory=dict)
 
 
 StepFn = Callable[..., Any]
@@ -178,6 +180,7 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
                     run = runs[i]
                     out, new = s.block.forward(run.ctx, _inputs(run, s), _node_state(run, s), totals)
                     run.values[s.name] = out
+                    _note_carried(run, s)
                     for key, value in new.items():
                         run.new_state[state_key(s.name, key)] = value
         ok = _all_finite([{"grad": grads[i], **extras[i]} for i in range(len(buckets))], runs) if check_finite else None
@@ -213,8 +216,16 @@ def _read(run: _Run, src: "Source") -> torch.Tensor:
 
 
 def _inputs(run: _Run, s: NodeStep) -> dict[str, torch.Tensor]:
-    run.ctx.reading = {port: None if ref.from_state else ref.key for port, ref in s.inputs}
+    run.ctx.reading = {port: None if ref.from_state else run.carried.get(ref.key, ref.key) for port, ref in s.inputs}
     return {port: _read(run, ref) for port, ref in s.inputs}
+
+
+def _note_carried(run: _Run, s: NodeStep) -> None:
+    """A witness on this node's output also vouches for the source its carrying port read."""
+    port = s.block.CARRIES_NONFINITE
+    source = run.ctx.reading.get(port) if port is not None else None
+    if source is not None:
+        run.carried[s.name] = source
 
 
 def _all_finite(checked: Sequence[Mapping[str, torch.Tensor]], runs: Sequence[_Run]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""on_nonfinite='skip' through the sums of squares a graph computes anyway (BlockContext.witness)."""
+"""on_nonfinite='skip' through the sums a graph computes of its gradients anyway (BlockContext.witness)."""
 from __future__ import annotations
 
 import pytest
@@ -47,14 +47,29 @@ def test_subset_norm_skips_nonfinite_gradients_through_its_sums(compile):
     assert opt.skipped_steps == len(cases)
 
 
+def closure_for(model, opt, step: int, poison=None):
+    """A closure for ``step(closure)``; ``poison = (call, index, value)`` writes ``value`` into one gradient
+    entry on that call (SGDOL's second call computes ``grad2``)."""
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model, "stack", step + len(calls))
+        loss.backward()
+        if poison is not None and poison[0] == len(calls):
+            list(model.parameters())[poison[1]].grad[1, 2] = poison[2]
+        calls.append(1)
+        return loss
+
+    return closure
+
+
 def checked_shapes(monkeypatch, model, opt) -> list[tuple[int, ...]]:
     """Shapes of everything the finiteness check of one eager step looks at."""
     seen = []
     original = torch.isfinite
     monkeypatch.setattr(torch, "isfinite", lambda t: seen.append(tuple(t.shape)) or original(t))
-    opt.zero_grad()
-    loss_of(model, "stack", 5).backward()
-    opt.step()
+    opt.step(closure_for(model, opt, 5))
     return seen
 
 
@@ -89,7 +104,7 @@ def test_overflowing_squares_skip_the_step_instead_of_freezing_the_accumulator()
 
 
 def test_float16_sums_are_not_used_as_witnesses():
-    """float16 squares overflow at |g| > 256: such sums would skip ordinary steps, so the gradient is read."""
+    """float16 squares (summed in any type) overflow at |g| > 256: such sums would skip ordinary steps, so the gradient is read."""
     from opdsl.compiled.context import BlockContext
     from opdsl.compiled.layout import plan_segments
 
@@ -97,6 +112,46 @@ def test_float16_sums_are_not_used_as_witnesses():
     ctx.reading = {"stats": "grad", "input": None}
     ctx.witness("stats", [torch.full((1, 4, 1), 300.0, dtype=torch.float16) ** 2])
     ctx.witness("input", [torch.zeros(1, 4, 1)])  # reads a state: nothing to witness
+    ctx.witness("stats", [torch.zeros((), dtype=torch.float64)], terms_dtype=torch.float16)  # float16 terms
     assert ctx.witnesses == {}
     ctx.witness("stats", [torch.zeros(1, 4, 1, dtype=torch.bfloat16)])
     assert list(ctx.witnesses) == ["grad"]
+
+
+# scsadamw: ||g - D||^2 summed over the model (one bucket: one 0-d sum). coba: its conjugate mixer's
+# per-tensor sum of g*(g - p), on the output of the coupled weight decay that carries g's inf and NaN
+# through (one bucket per shape: 2 x (24x8), (24,), (8x24), (8,); 1 x (3x8), (3,)). sgdol: ||g||^2 for
+# grad and <g, g'> for grad2.
+@pytest.mark.parametrize("spec, expected", [
+    ("scsadamw", [()]),
+    ("coba", [(1,)] * 2 + [(2,)] * 4),
+    ("sgdol", [(), ()]),
+])
+def test_mixers_and_online_step_size_are_checked_through_their_sums(monkeypatch, spec, expected):
+    model = make_model("stack")
+    opt = opdsl.Optimizer(model.parameters(), spec, compile=False)
+    opt.step(closure_for(model, opt, 0))
+    assert sorted(checked_shapes(monkeypatch, model, opt)) == expected
+
+
+def unchanged_by(model, opt, closure) -> bool:
+    params = [p.detach().clone() for p in model.parameters()]
+    states = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+    opt.step(closure)
+    return all(torch.equal(a, b) for a, b in zip(params, model.parameters())) and all(
+        torch.equal(v, before[k]) for p, before in zip(model.parameters(), states) for k, v in opt.state[p].items()
+    )
+
+
+@pytest.mark.parametrize("spec, compile", [("scsadamw", False), ("coba", False), ("coba", True), ("sgdol", False)])
+def test_nonfinite_gradients_seen_only_through_sums_still_skip(spec, compile):
+    model = make_model("stack")
+    opt = opdsl.Optimizer(model.parameters(), spec, compile=compile)
+    opt.step(closure_for(model, opt, 0))
+    calls = [0, 1] if spec == "sgdol" else [0]  # sgdol: poison grad, then grad2
+    cases = [(call, index, value) for call in calls
+             for index, value in [(ROW_REDUCED, float("nan")), (COLUMN_REDUCED, float("inf")), (4, float("-inf"))]]
+    for step, poison in enumerate(cases, start=1):
+        assert unchanged_by(model, opt, closure_for(model, opt, step, poison)), poison
+    assert opt.skipped_steps == len(cases)
+    assert not unchanged_by(model, opt, closure_for(model, opt, 20))  # finite gradients step again
