@@ -148,7 +148,8 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
 
     Arguments of the returned function: ``params, grads, states, steps, envs, actives, extras`` (lists
     aligned with ``buckets``); ``actives[i]`` is None or a bool tensor [n_params] (False = grad was None);
-    ``extras[i]`` maps extra sources (``grad2``) to flat tensors.
+    ``extras[i]`` maps extra sources (``grad2``) to flat tensors; ``skipped`` (with ``check_finite``) a 0-d
+    integer counter, incremented in the step when it is skipped (no separate kernel launches after it).
     Returns a 0-d bool tensor: whether the step was applied.
     """
     by_graph: dict[str, list[int]] = {}
@@ -158,7 +159,7 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
         g: _merged_order([buckets[i].program for i in idx]) for g, idx in by_graph.items()
     }
 
-    def step(params, grads, states, steps, envs, actives, extras):
+    def step(params, grads, states, steps, envs, actives, extras, skipped=None):
         runs: list[_Run] = []
         for i, b in enumerate(buckets):
             t = steps[i].reshape(()) + 1
@@ -194,7 +195,11 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
                 _write_state(states[i][key], new, keep, ok, actives[i], b.program.state_specs[key].kind, run.ctx)
             advanced = run.ctx.step if ok is None else torch.where(ok, run.ctx.step, steps[i].reshape(()))
             steps[i].copy_(advanced.reshape(steps[i].shape))
-        return ok if ok is not None else torch.ones((), dtype=torch.bool, device=params[0].device)
+        if ok is None:
+            return torch.ones((), dtype=torch.bool, device=params[0].device)
+        if skipped is not None:
+            skipped.add_((~ok).to(device=skipped.device, dtype=skipped.dtype))
+        return ok
 
     return step
 

@@ -277,13 +277,10 @@ class Optimizer(torch.optim.Optimizer):
             [self._envs[(b.group_index, b.flat.device)] for b in buckets],
             actives,
             [{"grad2": b.shaped(b.flat.grad)} if self._needs_grad2 else {} for b in buckets],
+            self._skipped if self.on_nonfinite != "propagate" else None,
         )
-        if self.on_nonfinite != "propagate":
-            self._skipped += (~ok).to(self._skipped.device)
-            if self.on_nonfinite == "error" and not bool(ok):
-                raise FloatingPointError(
-                    "a gradient holds inf or NaN; the step was skipped (parameters and state unchanged)"
-                )
+        if self.on_nonfinite == "error" and not bool(ok):
+            raise FloatingPointError("a gradient holds inf or NaN; the step was skipped (parameters and state unchanged)")
         return loss
 
     def _two_gradients(self, closure: Callable[[], Any]) -> Any:
