@@ -15,9 +15,10 @@ Semantics that differ from torch.optim, on purpose:
   of one gather per step.
 - ``on_nonfinite="skip"`` (default): if any gradient holds inf or NaN the whole step is skipped on the
   device (parameters, state and step counts unchanged) and ``skipped_steps`` counts it; ``"error"``
-  also raises (one host sync); ``"propagate"`` does what torch.optim does. Graphs that sum squared
-  gradients anyway (subset-norm, global-norm) are checked through those sums, so they also skip a step
-  whose squares overflow (|g| > 1.8e19 in float32) instead of making their accumulator infinite.
+  also raises (one host sync); ``"propagate"`` does what torch.optim does. Graphs that sum squares or
+  products of the gradients anyway (subset-norm, global-norm, the min-norm and conjugate mixers, SGDOL)
+  are checked through those sums, so they also skip a step whose terms overflow (|g| > 1.8e19 in
+  float32) instead of making their accumulator infinite.
 - The step count is kept per bucket, not per parameter.
 
 Specs that read ``grad2`` (SGDOL) need two independent gradients at the same point: ``step(closure)``
