@@ -79,11 +79,12 @@ class BlockContext:
         ``on_nonfinite='skip'`` reads every gradient once more to find inf or NaN. A block that already sums
         terms of a gradient over rows, columns, tensors or the model can hand those sums over instead, when
         every term is inf or NaN wherever its element of the input is, the other operands being finite
-        states or inputs the check also covers: ``x*x``, ``(x - d)**2``, ``x*(x - p)``, ``y*x``. Such a sum is inf or NaN exactly when one of its terms is (``inf - inf`` is NaN) or when it
-        overflows, and the check then reads a handful of sums rather than the whole gradient. It also skips a
-        step whose terms overflow (the block's accumulator would turn infinite and freeze its step for good)
-        and, for a difference with a state, a step on a state that is no longer finite. Terms formed in a type
-        with less range than float32 and bfloat16 (float16 overflows at 256 squared) are not taken: they would
+        states or inputs the check also covers: ``x*x``, ``(x - d)**2``, ``x*(x - p)``, ``y*x``. Such a sum
+        is inf or NaN exactly when one of its terms is (``inf - inf`` is NaN) or when it overflows, and the
+        check then reads a handful of sums rather than the whole gradient. It also skips a step whose terms
+        overflow (the block's accumulator would turn infinite and freeze its step for good) and, for a
+        difference with a state, a step on a state that is no longer finite. Terms formed in a type with
+        less range than float32 and bfloat16 (float16 overflows at 256 squared) are not taken: they would
         skip ordinary steps. ``terms_dtype`` is the type the terms were formed in; the sums' own by default.
         """
         source = self.reading.get(port)
