@@ -2,6 +2,8 @@
 
 The step closes over the static plan and takes only tensors, with hyperparameters and the step count
 as 0-d tensors, so a learning-rate schedule or any other hyperparameter change never recompiles.
+
+Inductor gets one graph pass of ours: common-subexpression elimination (``compiled.cse``).
 """
 from __future__ import annotations
 
@@ -28,10 +30,17 @@ def _own_code_object(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def fuse(step: Callable[..., Any], compile: bool | dict[str, Any]) -> Callable[..., Any]:
-    """``compile=True`` uses inductor with ``fullgraph=True``; a dict passes options to torch.compile."""
+    """``compile=True`` uses inductor with ``fullgraph=True``; a dict passes options to torch.compile
+    (its ``options`` entry, inductor's settings, is merged over opdsl's)."""
     if not compile:
         return step
     options: dict[str, Any] = {"fullgraph": True, "dynamic": False}
     if isinstance(compile, dict):
         options.update(compile)
+    if options.get("backend", "inductor") == "inductor":
+        from opdsl.compiled.cse import SharedScalars  # imports inductor: only once a step is compiled
+
+        mode = options.pop("mode", None)  # torch.compile takes a mode or options, not both
+        preset = torch._inductor.list_mode_options(mode) if mode else {}
+        options["options"] = {**preset, "joint_custom_pre_pass": SharedScalars(), **(options.get("options") or {})}
     return torch.compile(_own_code_object(step), **options)

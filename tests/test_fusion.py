@@ -1,0 +1,48 @@
+"""The compiled step's own inductor pass (common subexpressions) and torch.compile's settings."""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+import opdsl
+from conftest import loss_of, make_model
+from opdsl.compiled.cse import SharedScalars
+
+aten = torch.ops.aten
+
+
+def calls(graph: fx.Graph, target) -> int:
+    return sum(1 for n in graph.nodes if n.op == "call_function" and n.target is target)
+
+
+def test_repeated_scalar_math_is_computed_once_but_never_across_a_write():
+    graph = fx.Graph()
+    step, buffer = graph.placeholder("step"), graph.placeholder("buffer")
+    per_bucket = [graph.call_function(aten.pow.Tensor_Scalar, (step, 2.0)) for _ in range(3)]  # one per bucket
+    total = graph.call_function(aten.add.Tensor, (per_bucket[0], per_bucket[1]))
+    total = graph.call_function(aten.add.Tensor, (total, per_bucket[2]))
+    graph.call_function(aten.copy_.default, (step, total))  # an in-place write of the step counter
+    after = graph.call_function(aten.pow.Tensor_Scalar, (step, 2.0))  # reads the written value
+    graph.output((graph.call_function(aten.mul.Tensor, (after, buffer)),))
+
+    SharedScalars()(graph)
+    graph.lint()
+    assert calls(graph, aten.pow.Tensor_Scalar) == 2  # the three repeats merged; the read after the write kept
+    assert calls(graph, aten.copy_.default) == 1
+    assert [n.target for n in graph.nodes if n.op == "placeholder"] == ["step", "buffer"]  # the signature
+
+
+def test_compile_mode_is_merged_with_opdsl_pass_and_matches_eager():
+    """torch.compile refuses a mode together with options: the mode's settings are merged into them."""
+    models = [make_model("stack") for _ in range(2)]
+    opts = [
+        opdsl.Optimizer(models[0].parameters(), "adamw-sn", compile=False),
+        opdsl.Optimizer(models[1].parameters(), "adamw-sn", compile={"mode": "reduce-overhead"}),
+    ]
+    for step in range(3):
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            loss_of(model, "stack", step).backward()
+            opt.step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
