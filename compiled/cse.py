@@ -22,7 +22,7 @@ class SharedScalars(CustomGraphPass):
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         deduplicated = fx_graph_cse(graph)
-        for node in reversed(graph.nodes):  # users before producers
+        for node in reversed(list(graph.nodes)):  # users before producers
             graph.erase_node(node)
         graph.output(graph.graph_copy(deduplicated, {}))
 
