@@ -7,7 +7,7 @@ A :class:`Program` is one graph as it runs for one bucket: build-time ``if:`` co
 1. runs every graph node by node across its buckets (a GLOBAL block's partial sums are added over all
    buckets of its graph before its forward runs: one reduction the back end knows statically),
 2. checks the gradients are finite (``on_nonfinite='skip'``: a bad step leaves everything untouched,
-   decided on the device, with no host sync), through sums of squares the blocks offered where they can,
+   decided on the device, with no host sync), through sums of the gradients the blocks offered where they can,
 3. applies ``param <- param - lr * output`` and writes the new states in place.
 
 The same function runs eagerly or under torch.compile (:mod:`opdsl.compiled.fusion`).
@@ -236,7 +236,7 @@ def _note_carried(run: _Run, s: NodeStep) -> None:
 def _all_finite(checked: Sequence[Mapping[str, torch.Tensor]], runs: Sequence[_Run]) -> torch.Tensor:
     """One 0-d bool: no gradient (``grad``, ``grad2``) holds inf or NaN.
 
-    Runs after the blocks, so that a gradient whose sums of squares a block computed anyway
+    Runs after the blocks, so that a gradient whose squares or products a block summed anyway
     (:meth:`BlockContext.witness`) is checked through those sums instead of another pass over it.
     """
     flags = []
