@@ -12,8 +12,9 @@ A :class:`Program` is one graph as it runs for one bucket: build-time ``if:`` co
 
 The same function runs eagerly or under torch.compile (:mod:`opdsl.compiled.fusion`).
 
-Step counts and SCALAR states are stored with shape (1,) and handed to blocks as 0-d views: torch 2.13's
-inductor drops in-place writes to 0-d float64 CPU inputs of a compiled function.
+Step counts, SCALAR states and hyperparameters are stored with shape (1,) and handed to blocks as 0-d
+views: torch 2.13's inductor drops in-place writes to 0-d float64 CPU inputs of a compiled function, and
+dynamo traces a function with such inputs twice (see ``optimizer._hyper_tensor``).
 """
 from __future__ import annotations
 
@@ -163,7 +164,7 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
         runs: list[_Run] = []
         for i, b in enumerate(buckets):
             t = steps[i].reshape(()) + 1
-            env = dict(envs[i])
+            env = {k: _as_scalars(v) for k, v in envs[i].items()}
             env["step"] = t
             ctx = BlockContext(b.segments, env, t, params[i], b.numel, b.positions)
             runs.append(_Run(ctx, {"grad": grads[i], "param": params[i], **extras[i]}, states[i]))
@@ -202,6 +203,15 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
         return ok
 
     return step
+
+
+def _as_scalars(value: Any) -> Any:
+    """A hyperparameter stored with shape (1,) (or a tuple of them), as the 0-d value blocks read."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(())
+    if isinstance(value, tuple):
+        return tuple(_as_scalars(v) for v in value)
+    return value
 
 
 def _merged_order(programs: Sequence[Program]) -> list[str]:
