@@ -160,13 +160,14 @@ class SubspaceProjector(Block):
         def fresh(t, flat, old):
             return tuple(self._fresh(i, g, t) for i, g in batches(flat))
 
-        def keep(t, flat, old):
-            return tuple(b.clone() for b in old)
+        def unused(t, flat, old):  # cond outputs may not alias its inputs; the old bases are picked below
+            return tuple(torch.empty_like(b) for b in old)
 
         if torch.compiler.is_compiling():
-            return list(torch.cond(need, fresh, keep, (t, flat, tuple(old))))
+            new = torch.cond(need, fresh, unused, (t, flat, tuple(old)))
+            return [torch.where(need, n, b) for n, b in zip(new, old)]
         # Eager: torch.cond would trace both branches with dynamo on every call; a host read of t is cheap here.
-        return list(fresh(t, flat, old) if bool(need) else keep(t, flat, old))
+        return list(fresh(t, flat, old)) if bool(need) else old
 
     # ---- the step -----------------------------------------------------------------------------------
     def forward(self, ctx, x, state, totals=None):
