@@ -485,7 +485,7 @@ def _hyper_tensor(value: Any, device: torch.device, dtype: torch.dtype) -> torch
     """A hyperparameter as the step reads it: shape (1,), viewed as 0-d inside the step.
 
     Dynamo gives every 0-d float64 CPU input a symbolic float, and a symbolic float the graph never uses
-    makes it restart its analysis once: the first compile traced the whole step twice (4 of coba's 17 s).
+    makes it restart its analysis once: the first compile traced the whole step twice (about 4 of coba's 16 s).
     """
     return torch.full((1,), float(value), device=device, dtype=dtype)
 

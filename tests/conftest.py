@@ -124,8 +124,10 @@ def run_side_by_side(
 def _fresh_dynamo():
     """Each test starts with clean dynamo counters (and no stale compiled frames of other tests)."""
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
+    counters.clear()  # reset() leaves them alone
     yield
 
 
