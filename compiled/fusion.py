@@ -1,7 +1,8 @@
 """Fusion: wrap the lowered step in torch.compile (or run it eagerly, with the same numbers).
 
 The step closes over the static plan and takes only tensors, with hyperparameters and the step count
-as 0-d tensors, so a learning-rate schedule or any other hyperparameter change never recompiles.
+as tensors of shape (1,) (``plan.scalar_slot``), so a learning-rate schedule or any other hyperparameter
+change never recompiles.
 
 Inductor gets one graph pass of ours: common-subexpression elimination (``compiled.cse``).
 """

@@ -14,7 +14,7 @@ The same function runs eagerly or under torch.compile (:mod:`opdsl.compiled.fusi
 
 Step counts, SCALAR states and hyperparameters are stored with shape (1,) and handed to blocks as 0-d
 views: torch 2.13's inductor drops in-place writes to 0-d float64 CPU inputs of a compiled function, and
-dynamo traces a function with such inputs twice (see ``optimizer._hyper_tensor``).
+dynamo traces a function with such inputs twice (see ``plan.scalar_slot``).
 """
 from __future__ import annotations
 

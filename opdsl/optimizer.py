@@ -45,6 +45,7 @@ from opdsl.plan import (
     float_env,
     per_param_state,
     scalar_dtype,
+    scalar_slot,
 )
 from opdsl.spec import MAIN_GRAPH, Spec
 
@@ -469,7 +470,7 @@ def _write_env(tensors: dict[str, Any], env: Mapping[str, Any], changed: list[st
         if isinstance(value, tuple):
             current = tensors.get(key)
             if not isinstance(current, tuple) or len(current) != len(value):
-                tensors[key] = tuple(_hyper_tensor(v, device, dtype) for v in value)
+                tensors[key] = tuple(scalar_slot(v, device, dtype) for v in value)
             else:
                 for t, v in zip(current, value):
                     t.fill_(float(v))
@@ -478,14 +479,4 @@ def _write_env(tensors: dict[str, Any], env: Mapping[str, Any], changed: list[st
         if isinstance(current, torch.Tensor):
             current.fill_(float(value))
         else:
-            tensors[key] = _hyper_tensor(value, device, dtype)
-
-
-def _hyper_tensor(value: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A hyperparameter as the step reads it: shape (1,), viewed as 0-d inside the step.
-
-    Dynamo gives every 0-d float64 CPU input a symbolic float, and a symbolic float the graph never uses
-    makes it restart its analysis once: the first compile traced the whole step twice (about 4 of coba's 16 s).
-    """
-    return torch.full((1,), float(value), device=device, dtype=dtype)
-
+            tensors[key] = scalar_slot(value, device, dtype)

@@ -19,12 +19,23 @@ from opdsl.errors import BindError
 from opdsl.expr import Expr
 from opdsl.spec import Spec
 
-__all__ = ["Bucket", "build_buckets", "scalar_dtype", "conditions_of", "check_group_values", "float_env"]
+__all__ = ["Bucket", "build_buckets", "scalar_dtype", "scalar_slot", "conditions_of", "check_group_values", "float_env"]
 
 
 def scalar_dtype(device: torch.device) -> torch.dtype:
     """Hyperparameters and step counts are float64 where the device has it (bias corrections in double)."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def scalar_slot(value: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A scalar the step reads (a step count, a SCALAR state, a hyperparameter): shape (1,), viewed as 0-d
+    inside the step.
+
+    A 0-d float64 CPU input would lose in-place writes under torch 2.13's inductor, and dynamo gives each
+    one a symbolic float that, unused by the graph, makes it restart its analysis: every first compile
+    traced the step twice (about 4 of coba's 16 s). See ``compiled.lowering``.
+    """
+    return torch.full((1,), float(value), device=device, dtype=dtype)
 
 
 def float_env(group: Mapping[str, Any], hyper_names: list[str]) -> dict[str, Any]:
@@ -126,7 +137,7 @@ def _init_state(spec: StateSpec, flat: FlatBuffers) -> Any:
         return [
             torch.full((r.count, *spec.shape(r.shape)), spec.init, device=flat.device, dtype=dtype) for r in flat.runs
         ]
-    return torch.full((1,), spec.init, device=flat.device, dtype=dtype)  # (1,): see compiled.lowering
+    return scalar_slot(spec.init, flat.device, dtype)
 
 
 def build_buckets(
@@ -172,7 +183,7 @@ def build_buckets(
             # math over it (bias corrections, schedules) is then the same expression for every bucket and is
             # traced once, not once per shape.
             if device not in counters:
-                counters[device] = torch.zeros((1,), device=device, dtype=scalar_dtype(device))  # (1,): see compiled.lowering
+                counters[device] = scalar_slot(0.0, device, scalar_dtype(device))
             step = counters[device]
             positions = tuple(position[id(p)] for p in params)
             buckets.append(
