@@ -19,11 +19,11 @@ Per parameter G (m x n; ndim > 2 is viewed as (shape[0], -1)), r = min(rank, m, 
              P_new(g_t); the zeroed buffer only takes effect at the next step (t > 1 only)
     none     never reset (the code's ``overlap_state``)
 
-Scheduling: the refresh is a ``torch.cond`` under torch.compile (``refresh: cond``), so the SVD runs only
-at refresh steps; eagerly it is a Python ``if`` on the step count (one host read of t per step). On
-accelerators inductor's cond reads its predicate on the host (one device sync per step).
-``refresh: every-step`` computes the fresh projector every step and selects it with ``torch.where``
-(no sync, but one full SVD of every matrix per step).
+Scheduling, ``refresh: cond`` (default): the new bases are computed only at refresh steps, by an operator of
+opdsl's own (``opdsl::subspace_refresh``) that reads the predicate and is opaque to torch.compile, so eager
+and compiled steps run the same code; on accelerators reading the predicate is one device sync per step.
+``refresh: every-step`` computes the fresh projector every step and selects it with ``torch.where`` (no
+sync, but one full SVD of every matrix per step).
 
 Paper: Nguyen & Nguyen, "Subset-Norm and Subspace-Momentum", ICML 2025 (arXiv:2411.07120); code
 timmytonga/sn-sm (subspace_momentum.py, projectors/). State per matrix: the momentum (m x r or r x n) and
@@ -87,6 +87,54 @@ def _dims(shape: torch.Size, rank: int) -> tuple[int, int, int, bool]:
     return m, n, min(rank, m, n), m >= n
 
 
+def fresh_bases(g: torch.Tensor, t: torch.Tensor, keys: Sequence[int], rank: int, projector: str, seed: int) -> torch.Tensor:
+    """New bases for a batch g of k equal-shaped matrices (k x m x n): B (k x r x n) if m >= n, else A (k x m x r).
+
+    ``keys``: each matrix's index in its param group (the random projector's per-parameter key). Always a fresh
+    tensor: it may become state.
+    """
+    k, (m, n) = g.shape[0], g.shape[1:]
+    _, _, r, right = _dims(g.shape[1:], rank)
+    if projector == "svd":
+        work = g if g.dtype in (torch.float32, torch.float64) else g.float()
+        # LAPACK raises on NaN input; a non-finite gradient's step is discarded (on_nonfinite='skip'), so
+        # only make the SVD finite here.
+        u, _, vh = torch.linalg.svd(finite_or_zero(work), full_matrices=False)
+        out = vh[:, :r] if right else u[:, :, :r]
+        return out.to(g.dtype).clone(memory_format=torch.contiguous_format)
+    size = n if right else m
+    if projector == "topk":
+        norms = torch.linalg.vector_norm(g, dim=-2 if right else -1)
+        idx = torch.sort(torch.topk(norms, r).indices).values
+    else:
+        idx = torch.stack([random_indices(size, r, seed, key, t) for key in keys])
+    select = (idx.unsqueeze(-1) == torch.arange(size, device=g.device)).to(g.dtype)  # k x r x size, one 1 per row
+    return select if right else select.mT.contiguous()
+
+
+@torch.library.custom_op("opdsl::subspace_refresh", mutates_args=())
+def refresh_bases(
+    need: torch.Tensor, t: torch.Tensor, g: torch.Tensor, old: torch.Tensor, rank: int, projector: str, seed: int, keys: list[int]
+) -> torch.Tensor:
+    """``fresh_bases`` when the 0-d bool ``need`` holds, else an uninitialised tensor like ``old`` (the caller
+    selects ``old`` then).
+
+    An operator of its own, opaque to torch.compile. A ``torch.cond`` also runs its branch only when the
+    predicate holds, but inductor traces, lowers and builds kernels for the branch (two C++ kernels per
+    matrix shape: the SVD's input made finite, its slice made contiguous), which took adamw-snsm's first
+    compile from about 10 s to 16 s. Reading ``need`` is one host sync per step on accelerators, as a
+    ``torch.cond`` predicate is.
+    """
+    if not bool(need):
+        return torch.empty_like(old)
+    return fresh_bases(g, t, keys, rank, projector, seed)
+
+
+@refresh_bases.register_fake
+def _refresh_bases_shape(need, t, g, old, rank, projector, seed, keys):
+    return torch.empty_like(old)
+
+
 class SubspaceProjector(Block):
     """Rank-r subspace momentum of each matrix plus the orthogonal residual of the gradient."""
 
@@ -100,7 +148,10 @@ class SubspaceProjector(Block):
     reset: Literal["refresh", "lagged", "none"] = "refresh"
     residual: bool = True
     seed: int = Field(0, ge=0, description="seed of the random projector's counter-based draw")
-    refresh: Literal["cond", "every-step"] = "cond"
+    refresh: Literal["cond", "every-step"] = Field(
+        "cond", description="cond: new bases only at refresh steps (one host read of t per step); every-step: "
+        "computed every step and selected (no sync, one SVD per matrix per step)"
+    )
 
     PORTS: ClassVar[tuple[str, ...]] = ("input",)
 
@@ -126,48 +177,13 @@ class SubspaceProjector(Block):
         return {"momentum": StateSpec(StateKind.TENSOR, shape=momentum), "basis": StateSpec(StateKind.TENSOR, shape=basis)}
 
     # ---- projectors ---------------------------------------------------------------------------------
-    def _fresh(self, keys: Sequence[int], g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """New bases for a batch g of k equal-shaped matrices (k x m x n): B (k x r x n) if m >= n, else A (k x m x r).
-
-        ``keys``: each matrix's index in its param group (the random projector's per-parameter key).
-        """
-        k, (m, n) = g.shape[0], g.shape[1:]
-        _, _, r, right = _dims(g.shape[1:], self.rank)
-        if self.projector == "svd":
-            work = g if g.dtype in (torch.float32, torch.float64) else g.float()
-            # LAPACK raises on NaN input; a non-finite gradient's step is discarded (on_nonfinite='skip'), so
-            # only make the SVD finite here.
-            u, _, vh = torch.linalg.svd(finite_or_zero(work), full_matrices=False)
-            out = vh[:, :r] if right else u[:, :, :r]
-            return out.to(g.dtype).clone(memory_format=torch.contiguous_format)  # a fresh tensor: cond outputs may not alias
-        size = n if right else m
-        if self.projector == "topk":
-            norms = torch.linalg.vector_norm(g, dim=-2 if right else -1)
-            idx = torch.sort(torch.topk(norms, r).indices).values
-        else:
-            idx = torch.stack([random_indices(size, r, self.seed, key, t) for key in keys])
-        select = (idx.unsqueeze(-1) == torch.arange(size, device=g.device)).to(g.dtype)  # k x r x size, one 1 per row
-        return select if right else select.mT.contiguous()
-
     def _bases(self, ctx, need: torch.Tensor, t: torch.Tensor, flat: torch.Tensor, old: list[torch.Tensor]):
-        def batches(flat):
-            return [(ctx.positions[r.first : r.first + r.count], _matrices(v)) for r, v in zip(ctx.runs, ctx.run_views(flat))]
-
+        batches = [(list(ctx.positions[r.first : r.first + r.count]), _matrices(v)) for r, v in zip(ctx.runs, ctx.run_views(flat))]
         if self.refresh == "every-step":
-            return [torch.where(need, self._fresh(i, g, t), b) for (i, g), b in zip(batches(flat), old)]
-
-        # The branches take the flat input and slice it themselves: cond refuses operands that alias each other.
-        def fresh(t, flat, old):
-            return tuple(self._fresh(i, g, t) for i, g in batches(flat))
-
-        def unused(t, flat, old):  # cond outputs may not alias its inputs; the old bases are picked below
-            return tuple(torch.empty_like(b) for b in old)
-
-        if torch.compiler.is_compiling():
-            new = torch.cond(need, fresh, unused, (t, flat, tuple(old)))
-            return [torch.where(need, n, b) for n, b in zip(new, old)]
-        # Eager: torch.cond would trace both branches with dynamo on every call; a host read of t is cheap here.
-        return list(fresh(t, flat, old)) if bool(need) else old
+            fresh = [fresh_bases(g, t, keys, self.rank, self.projector, self.seed) for keys, g in batches]
+        else:
+            fresh = [refresh_bases(need, t, g, b, self.rank, self.projector, self.seed, keys) for (keys, g), b in zip(batches, old)]
+        return [torch.where(need, new, b) for new, b in zip(fresh, old)]
 
     # ---- the step -----------------------------------------------------------------------------------
     def forward(self, ctx, x, state, totals=None):

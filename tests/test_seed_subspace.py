@@ -281,10 +281,11 @@ def test_sm_state_dict_round_trip():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
 
 
-def test_sm_nonfinite_gradient_at_a_refresh_is_skipped():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_sm_nonfinite_gradient_at_a_refresh_is_skipped(compiled):
     """A NaN gradient at a refresh step (t = 20) skips the step: no LAPACK error, state untouched."""
     model = make_model("mlp", DT)
-    opt = opdsl.Optimizer(model.parameters(), sm_spec("adamw-snsm", rank=2), compile=False, lr=1e-2)
+    opt = opdsl.Optimizer(model.parameters(), sm_spec("adamw-snsm", rank=2), compile=compiled, lr=1e-2)
     _train(model, opt, 19)
     w = model[0].weight
     before = {k: v.clone() for k, v in opt.state[w].items()}
