@@ -217,18 +217,19 @@ def test_adamw_snsm_svd_compiled():
 
 
 @pytest.mark.parametrize(
-    "projector,reset,second,compiled",
-    [("topk", "refresh", "sn", False), ("random", "refresh", "ema", True), ("svd", "lagged", "sn", False)],
-    ids=["topk-snsm", "random-sm-compiled", "svd-lagged-snsm"],
+    "projector,reset,second,compiled,refresh",
+    [("topk", "refresh", "sn", False, "cond"), ("random", "refresh", "ema", True, "cond"),
+     ("svd", "lagged", "sn", False, "cond"), ("svd", "refresh", "ema", False, "every-step")],
+    ids=["topk-snsm", "random-sm-compiled", "svd-lagged-snsm", "svd-sm-every-step"],
 )
-def test_sm_projector_options(projector, reset, second, compiled):
+def test_sm_projector_options(projector, reset, second, compiled, refresh):
     name = "adamw-snsm" if second == "sn" else "adamw-sm"
-    spec = sm_spec(name, rank=2, projector=projector, reset=reset, seed=3)
+    spec = sm_spec(name, rank=2, projector=projector, reset=reset, seed=3, refresh=refresh)
     hyper = dict(lr=1e-2, weight_decay=1e-2)
     diff = run("mlp", spec, lambda ps: GenericOptimReference(
         ps, betas=(0.9, 0.999), second=second, rank=2, gap=20, projector=projector, reset=reset, seed=3, **hyper),
         compiled=compiled, **hyper)
-    assert diff < TOL, f"{name} {projector}/{reset}: {diff:.3g}"
+    assert diff < TOL, f"{name} {projector}/{reset}/{refresh}: {diff:.3g}"
 
 
 def test_random_projector_draws():
