@@ -721,6 +721,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         return child_main(*argv[1:3])
     args = resolve(parse_args(argv))
+    if args.threads:  # for the machine line; every measuring process sets it for itself
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     machine = H.machine_line(device)
     start_load = load_line()
@@ -728,12 +730,13 @@ def main(argv: list[str] | None = None) -> int:
     print(start_load)
     t_all = time.perf_counter()
     if len(args.specs) > 1 and not args.one_process:
-        runs = [m for m in (measure_in_child(args, spec) for spec in args.specs) if m is not None]
+        runs = {spec: measure_in_child(args, spec) for spec in args.specs}
     else:
-        runs = [measure(args, args.specs)]
-    reports = [rep for m in runs for rep in m.reports]
-    startups = [m.startup_s for m in runs]
-    opdsl_reason = next((m.opdsl_reason for m in runs if m.opdsl_reason), None)
+        runs = {"all specs": measure(args, args.specs)}
+    measured = [m for m in runs.values() if m is not None]
+    reports = [rep for m in measured for rep in m.reports]
+    startups = {spec: m.startup_s for spec, m in runs.items() if m is not None}
+    opdsl_reason = next((m.opdsl_reason for m in measured if m.opdsl_reason), None)
     elapsed = time.perf_counter() - t_all
     end_load = load_line().replace("at start", "at end")
     start_load = f"{start_load}; {end_load}"
@@ -748,9 +751,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def span(values: list[float]) -> str:
-    lo, hi = min(values, default=float("nan")), max(values, default=float("nan"))
-    return f"{lo:.1f}" if f"{lo:.1f}" == f"{hi:.1f}" else f"{lo:.1f}-{hi:.1f}"
+def startup_line(startups: dict[str, float]) -> str:
+    """Where the specs ran, and torch.compile's start-up in each process: it gauges the machine's speed then."""
+    if len(startups) == 1:
+        return (f"One process: torch.compile's one-off start-up ({next(iter(startups.values())):.1f} s) is paid "
+                "before the first row and is in no first-call figure.")
+    each = ", ".join(f"{spec} {s:.1f}" for spec, s in startups.items())
+    return (f"One fresh process per spec ({len(startups)}), as a user compiles one optimizer. torch.compile's "
+            "one-off start-up in each process is paid before its first row and is in no first-call figure; it "
+            f"gauges how fast the shared machine ran while that spec was measured (s): {each}.")
 
 
 def write_report(
@@ -761,7 +770,7 @@ def write_report(
     opdsl_reason: str | None,
     elapsed: float,
     device: torch.device,
-    startups: list[float],
+    startups: dict[str, float],
     summary: str,
 ) -> None:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -775,9 +784,7 @@ def write_report(
         f"- Machine: {machine}",
         f"- {start_load}. The machine may be shared: contenders are interleaved (order rotated every round) "
         "and medians reported.",
-        f"- {'One process' if len(startups) == 1 else f'One fresh process per spec ({len(startups)}), as a user compiles one optimizer'}: "
-        "torch.compile's one-off start-up in each process "
-        f"({span(startups)} s) is paid before its first row and is in no first-call figure.",
+        f"- {startup_line(startups)}",
         f"- Timing: {args.warmup} warm-up rounds, then {args.repeats} timed rounds; IQR = interquartile range.",
         "- Floor = the spec's bytes moved per parameter x parameters / bandwidth of an in-place `x.mul_(c)` pass "
         "over a buffer moving the same bytes, timed inside the same interleaved loop.",
