@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from opdsl.expr import Expr
 from opdsl.scalars import Condition, Scalar, ScalarRange, condition_fields, scalar, scalar_ranges
+from opdsl.schedule import Periodic
 
 if TYPE_CHECKING:  # pragma: no cover
     from opdsl.compiled.context import BlockContext
@@ -114,6 +115,12 @@ class Block(BaseModel):
 
     def state_specs(self) -> dict[str, StateSpec]:
         return {}
+
+    def host_schedule(self) -> Periodic | None:
+        """The steps on which the block does work that the host launches or skips (subspace momentum's SVD
+        refresh), or None. The optimizer decides it for each step without a device sync
+        (:class:`opdsl.schedule.StepClock`) and hands the decision to ``forward`` as ``ctx.due``."""
+        return None
 
     def check_shape(self, shape: torch.Size) -> str | None:
         """Return why a parameter of this shape cannot pass through this block, or None."""

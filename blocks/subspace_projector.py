@@ -19,11 +19,12 @@ Per parameter G (m x n; ndim > 2 is viewed as (shape[0], -1)), r = min(rank, m, 
              P_new(g_t); the zeroed buffer only takes effect at the next step (t > 1 only)
     none     never reset (the code's ``overlap_state``)
 
-Scheduling, ``refresh: cond`` (default): the new bases are computed only at refresh steps, by an operator of
-opdsl's own (``opdsl::subspace_refresh``) that reads the predicate and is opaque to torch.compile, so eager
-and compiled steps run the same code; on accelerators reading the predicate is one device sync per step.
-``refresh: every-step`` computes the fresh projector every step and selects it with ``torch.where`` (no
-sync, but one full SVD of every matrix per step).
+Scheduling: whether t is a refresh step is decided on the host with no device sync per step (the block's
+``host_schedule``; see ``opdsl.schedule``) and reaches the step as one bool on the host and the same on the
+device. ``refresh: cond`` (default): the new bases are computed only at refresh steps, by an operator of
+opdsl's own (``opdsl::subspace_refresh``) that reads the host bool and is opaque to torch.compile, so eager
+and compiled steps run the same code. ``refresh: every-step`` computes the fresh projector every step and
+selects it with ``torch.where`` (one full SVD of every matrix per step; for comparison).
 
 Paper: Nguyen & Nguyen, "Subset-Norm and Subspace-Momentum", ICML 2025 (arXiv:2411.07120); code
 timmytonga/sn-sm (subspace_momentum.py, projectors/). State per matrix: the momentum (m x r or r x n) and
@@ -38,6 +39,7 @@ from pydantic import Field
 
 from opdsl.blocks.base import Block, Ref, Scope, StateKind, StateSpec, finite_or_zero, scalar
 from opdsl.blocks.scalar_ops import as_weight
+from opdsl.schedule import Periodic
 
 _MASK32 = 0xFFFFFFFF
 _MUL = 0x45D9F3B  # < 2**27: products of 32-bit values stay below 2**59, no int64 overflow
@@ -118,11 +120,11 @@ def refresh_bases(
     """``fresh_bases`` when the 0-d bool ``need`` holds, else an uninitialised tensor like ``old`` (the caller
     selects ``old`` then). Called as the operator ``torch.ops.opdsl.subspace_refresh``.
 
+    ``need`` is the host's copy of the step's decision (a CPU tensor): reading it costs no device sync.
     An operator of its own, opaque to torch.compile. A ``torch.cond`` also runs its branch only when the
     predicate holds, but inductor traces, lowers and builds kernels for the branch (two C++ kernels per
     matrix shape: the SVD's input made finite, its slice made contiguous): adamw-snsm's first compile took
-    13.4 s with one, 10 s without, on 8 shapes. Reading ``need`` is one host sync per step on
-    accelerators, as a ``torch.cond`` predicate is.
+    13.4 s with one, 10 s without, on 8 shapes.
     """
     if not bool(need):
         return torch.empty_like(old)
@@ -155,8 +157,8 @@ class SubspaceProjector(Block):
     residual: bool = True
     seed: int = Field(0, ge=0, description="seed of the random projector's counter-based draw")
     refresh: Literal["cond", "every-step"] = Field(
-        "cond", description="cond: new bases only at refresh steps (one host read of t per step); every-step: "
-        "computed every step and selected (no sync, one SVD per matrix per step)"
+        "cond", description="cond: new bases only at refresh steps; every-step: computed every step and selected "
+        "(one SVD per matrix per step, for comparison)"
     )
 
     PORTS: ClassVar[tuple[str, ...]] = ("input",)
@@ -182,20 +184,23 @@ class SubspaceProjector(Block):
 
         return {"momentum": StateSpec(StateKind.TENSOR, shape=momentum), "basis": StateSpec(StateKind.TENSOR, shape=basis)}
 
+    def host_schedule(self) -> Periodic:
+        return Periodic(self.gap)
+
     # ---- projectors ---------------------------------------------------------------------------------
-    def _bases(self, ctx, need: torch.Tensor, t: torch.Tensor, flat: torch.Tensor, old: list[torch.Tensor]):
+    def _bases(self, ctx, host_need: torch.Tensor, need: torch.Tensor, t: torch.Tensor, flat: torch.Tensor, old: list[torch.Tensor]):
         batches = [(list(ctx.positions[r.first : r.first + r.count]), _matrices(v)) for r, v in zip(ctx.runs, ctx.run_views(flat))]
         if self.refresh == "every-step":
             fresh = [fresh_bases(g, t, keys, self.rank, self.projector, self.seed) for keys, g in batches]
         else:
             refresh = torch.ops.opdsl.subspace_refresh
-            fresh = [refresh(need, t, g, b, self.rank, self.projector, self.seed, keys) for (keys, g), b in zip(batches, old)]
+            fresh = [refresh(host_need, t, g, b, self.rank, self.projector, self.seed, keys) for (keys, g), b in zip(batches, old)]
         return [torch.where(need, new, b) for new, b in zip(fresh, old)]
 
     # ---- the step -----------------------------------------------------------------------------------
     def forward(self, ctx, x, state, totals=None):
         t = ctx.step
-        need = (t == 1) | (torch.remainder(t, self.gap) == 0)
+        host_need, need = ctx.due  # t == 1 or t % gap == 0, decided by the host (on the host and the device)
         if self.reset == "refresh":
             zero = need
         elif self.reset == "lagged":
@@ -203,7 +208,7 @@ class SubspaceProjector(Block):
         else:
             zero = None
         flat = x["input"]
-        bases = self._bases(ctx, need, t, flat, list(state["basis"]))
+        bases = self._bases(ctx, host_need, need, t, flat, list(state["basis"]))
         beta = ctx.value(self.beta)
         weight = 1 - beta if self.weight is None else ctx.value(self.weight)
         outs, moms = [], []

@@ -45,6 +45,9 @@ class BlockContext:
         self.positions = tuple(positions)
         # Which step value each input port of the running block reads (None: a state); set by the lowering.
         self.reading: Mapping[str, str | None] = {}
+        # A scheduled block's decision for this step (``Block.host_schedule``), set by the lowering: the same
+        # 0-d bool on the host (for work the host launches or skips) and on the parameters' device.
+        self.due: tuple[torch.Tensor, torch.Tensor] | None = None
         self.witnesses: dict[str, list[torch.Tensor]] = {}
 
     # ---- scalars ------------------------------------------------------------------------------------

@@ -29,11 +29,16 @@ from opdsl.compiled.layout import Segment
 from opdsl.graph import Reference, execution_order, parse_ref
 from opdsl.spec import GraphSpec
 
-__all__ = ["NodeStep", "Program", "Source", "build_program", "build_step", "state_key", "BucketArgs", "reads_source"]
+__all__ = ["NodeStep", "Program", "Source", "build_program", "build_step", "state_key", "due_key", "BucketArgs", "reads_source"]
 
 
 def state_key(node: str, name: str) -> str:
     return f"{node}.{name}"
+
+
+def due_key(node: str) -> str:
+    """The env entry holding a scheduled node's decision for this step (``Block.host_schedule``)."""
+    return f"due:{node}"
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,8 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
                 if not active:
                     continue
                 block = active[0][1].block
+                for i, _ in active:
+                    runs[i].ctx.due = runs[i].ctx.env.get(due_key(node))
                 totals = None
                 if block.scope() is Scope.GLOBAL:
                     partials = [block.reduce(runs[i].ctx, _inputs(runs[i], s), _node_state(runs[i], s)) for i, s in active]

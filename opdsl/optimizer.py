@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from opdsl.compiled.fusion import fuse
-from opdsl.compiled.lowering import build_step, reads_source
+from opdsl.compiled.lowering import build_step, due_key, reads_source
 from opdsl.errors import BindError, StateDictError
 from opdsl.loader import load_spec
 from opdsl.plan import (
@@ -47,6 +47,7 @@ from opdsl.plan import (
     scalar_dtype,
     scalar_slot,
 )
+from opdsl.schedule import DueFlag, StepClock
 from opdsl.spec import MAIN_GRAPH, Spec
 
 __all__ = ["Optimizer"]
@@ -96,6 +97,7 @@ class Optimizer(torch.optim.Optimizer):
         self._envs: dict[tuple[int, torch.device], dict[str, Any]] = {}
         self._seen: list[dict[str, Any]] = []
         self._skipped: torch.Tensor | None = None
+        self._clocks: list[StepClock] = []
         self._building = True
         super().__init__(_with_names(params, self._names), defaults)
         self._building = False
@@ -195,12 +197,26 @@ class Optimizer(torch.optim.Optimizer):
         self._sync_hypers(force=True)
         self._import_state(saved, strict=False)
         self._refresh_state_views()
+        self._start_clocks()
         self._step_fn = None
         self._needs_grad2 = any(reads_source(b.program, "grad2") for b in self._buckets)
         self._first_grads = [torch.empty_like(b.flat.grad) for b in self._buckets] if self._needs_grad2 else []
         device = self._buckets[0].flat.device
         if self._skipped is None:
             self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+
+    def _start_clocks(self) -> None:
+        """One clock per step counter whose graph has scheduled nodes; its flags go into the step's env."""
+        self._clocks = []
+        for gi, device in self._envs:
+            buckets = [b for b in self._buckets if (b.group_index, b.flat.device) == (gi, device)]
+            scheduled = {s.name: s.block.host_schedule() for b in buckets for s in b.program.steps}
+            flags = {node: DueFlag(schedule, device) for node, schedule in scheduled.items() if schedule is not None}
+            if not flags:
+                continue
+            for node, flag in flags.items():
+                self._envs[(gi, device)][due_key(node)] = (flag.host, flag.device)
+            self._clocks.append(StepClock(buckets[0].step, self.on_nonfinite != "propagate", list(flags.values())))
 
     def _refresh_state_views(self) -> None:
         self.state = defaultdict(dict)
@@ -267,10 +283,12 @@ class Optimizer(torch.optim.Optimizer):
             mask = torch.ones(len(bucket.flat.params), dtype=torch.bool)
             mask[missing] = False
             any_grad |= bool(mask.any())
-            actives.append(mask.to(bucket.flat.device))
+            actives.append(mask.to(bucket.flat.device, non_blocking=True))
         if not any_grad:
             return loss
         buckets = self._buckets
+        for clock in self._clocks:
+            clock.decide()
         ok = self._compiled()(
             [b.shaped(b.flat.param) for b in buckets],
             [b.shaped(self._first_grads[i] if self._needs_grad2 else b.flat.grad) for i, b in enumerate(buckets)],
@@ -281,6 +299,8 @@ class Optimizer(torch.optim.Optimizer):
             [{"grad2": b.shaped(b.flat.grad)} if self._needs_grad2 else {} for b in buckets],
             self._skipped if self.on_nonfinite != "propagate" else None,
         )
+        for clock in self._clocks:
+            clock.advance()
         if self.on_nonfinite == "error" and not bool(ok):
             raise FloatingPointError("a gradient holds inf or NaN; the step was skipped (parameters and state unchanged)")
         return loss
@@ -415,6 +435,7 @@ class Optimizer(torch.optim.Optimizer):
         saved_state = {id(by_index[i]): s for i, s in state_dict["state"].items() if i in by_index}
         self._rebuild()
         self._import_state(saved_state, strict=True)
+        self._start_clocks()  # the step counters were just loaded
         skipped = meta.get("skipped_steps")
         if skipped is not None and self._skipped is not None:
             self._skipped.copy_(skipped)
