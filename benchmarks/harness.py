@@ -46,6 +46,13 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(dev)
 
 
+def release_memory(device: torch.device) -> None:
+    """Free what a failed contender left behind (its tensors, and on CUDA the allocator's cached blocks)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def machine_line(device: torch.device | str) -> str:
     """One line naming the machine: CPU model, cores, torch version, device."""
     dev = torch.device(device)
@@ -491,10 +498,14 @@ def run_workload(
     for c in contenders:
         r = Result(c.name, c.family, c.compiled, note=c.note)
         results.append(r)
-        params = make_params(shapes, dev, dtype, seed=0, only_2d=only_2d)
+        params: list[torch.nn.Parameter] = []
         params_of.append(params)
-        r.numel = sum(p.numel() for p in params)
+        r.numel = numel_of(shapes)
         try:
+            # Inside the try: at 1e9 parameters on a GPU not every contender fits beside the others, and one
+            # that runs out of memory is reported as such (keep fewer with --only).
+            params += make_params(shapes, dev, dtype, seed=0, only_2d=only_2d)
+            r.numel = sum(p.numel() for p in params)
             t0 = time.perf_counter()
             s = c.make(params)
             r.construct_s = time.perf_counter() - t0
@@ -512,6 +523,8 @@ def run_workload(
         except Exception as exc:  # noqa: BLE001 - report and keep the others going
             r.error = f"{type(exc).__name__}: {exc}"[:300]
             steppers.append(None)
+            params.clear()
+            release_memory(dev)
             log(f"  [{workload}/{algo}] {c.name}: FAILED {r.error}")
 
     # State bytes (state exists after the first step).
