@@ -5,9 +5,10 @@ For each parameter viewed as a matrix G (rows x cols; ndim > 2 is flattened to (
     X_0 = G / max(||G||_F, eps)          (normalize: clamp, torch.optim.Muon)  or  G / (||G||_F + eps)  (add, Keller's)
     X_{k+1} = a X_k + (b A_k + c A_k^2) X_k,   A_k = X_k X_k^T,   (a, b, c) = (3.4445, -4.7750, 2.0315)
 
-computed on the transpose when rows > cols, in ``dtype`` (bfloat16 by default, as Muon does), and cast
-back. The result approximates U V^T of G = U S V^T. Matrices of one shape are stacked and run as one
-batched iteration, so a transformer's many same-shape weights cost a few large matmuls.
+with A_k = X_k^T X_k and X_{k+1} = a X_k + X_k (b A_k + c A_k^2) when rows > cols (the same iteration
+on the transpose, as Muon writes it), in ``dtype`` (bfloat16 by default, as Muon does), and cast back.
+The result approximates U V^T of G = U S V^T. Matrices of one shape are stacked and run as one batched
+iteration, so a transformer's many same-shape weights cost a few large matmuls.
 """
 from __future__ import annotations
 
@@ -23,22 +24,30 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 def newton_schulz(
     g: torch.Tensor, steps: int, coefficients: tuple[float, float, float], eps: float, normalize: str
 ) -> torch.Tensor:
-    """Batched NS over a stack of matrices ``g`` of shape [k, rows, cols] (already in compute dtype)."""
+    """Batched NS over a stack of matrices ``g`` of shape [k, rows, cols] (already in compute dtype).
+
+    The Gram matrix is taken on the short side: for a tall X (rows > cols), A = X^T X and
+    X <- a X + X (b A + c A^2), which is the iteration on X^T transposed back (B = b A + c A^2 is symmetric)
+    with no transposed copy of X on the way in or out. Inductor turned those copies into a scalar gather
+    per element, fused with the cast back to the parameters' dtype.
+    """
     a, b, c = coefficients
-    x = g.mT if g.size(-2) > g.size(-1) else g
-    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
-    x = x / (norm.clamp(min=eps) if normalize == "clamp" else norm + eps)
-    if x.size(0) == 1:  # one matrix: the same addmm calls as torch.optim.Muon, so bf16 rounding matches
+    tall = g.size(-2) > g.size(-1)
+    norm = torch.linalg.vector_norm(g, dim=(-2, -1), keepdim=True)
+    x = g / (norm.clamp(min=eps) if normalize == "clamp" else norm + eps)
+    # One matrix: addmm, as torch.optim.Muon calls it (for a wide matrix the same calls, so bf16 rounds alike).
+    single = x.size(0) == 1
+    if single:
         x = x[0]
-        for _ in range(steps):
-            gram = x @ x.T
-            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-        x = x.unsqueeze(0)
-    else:
-        for _ in range(steps):
+    mm = torch.addmm if single else torch.baddbmm
+    for _ in range(steps):
+        if tall:
+            gram = x.mT @ x
+            x = mm(x, x, mm(gram, gram, gram, beta=b, alpha=c), beta=a)
+        else:
             gram = x @ x.mT
-            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.mT if g.size(-2) > g.size(-1) else x
+            x = mm(x, mm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.unsqueeze(0) if single else x
 
 
 class Orthogonalize(Block):
