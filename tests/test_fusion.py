@@ -46,3 +46,17 @@ def test_compile_mode_is_merged_with_opdsl_pass_and_matches_eager():
             opt.step()
     for a, b in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_guards_on_the_static_plan_are_dropped_and_those_on_inputs_kept():
+    """The step closes over its plan, which never changes while the compiled step lives; dynamo's checks of
+    it before every call are dropped. Guards on the step's arguments (tensors, the env dicts) stay."""
+    from types import SimpleNamespace
+
+    from opdsl.compiled.fusion import _static_guard_filter
+
+    keep = _static_guard_filter(("buckets", "node_order", "check_finite"))
+    names = ["buckets", "buckets[0].segments[3].shape[0]", "node_order['main'][0]", "check_finite",
+             "grads[0]", "envs[0]['betas'][1]", "states[0]['adam.v']", "bucketsize"]
+    kept = keep([SimpleNamespace(name=n) for n in names])
+    assert [n for n, k in zip(names, kept) if k] == ["grads[0]", "envs[0]['betas'][1]", "states[0]['adam.v']", "bucketsize"]
