@@ -34,8 +34,8 @@ def _static_guard_filter(static: tuple[str, ...]) -> Callable[[list[Any]], list[
     """Keep every guard except those on the variables the step closes over.
 
     The step closes over its static plan (buckets, segments, blocks and their expressions), which lives as
-    long as the compiled step and never changes. Dynamo would check all of it before every call: about 580
-    guard nodes for subspace momentum on 5 matrix shapes, most of them walking Python attributes.
+    long as the compiled step and never changes. Dynamo would check all of it before every call (604 guard
+    entries for AdamW, 986 for CoBA, on 101 tensors of 8 shapes), most of them walking Python attributes.
     """
     def on_static(name: str) -> bool:  # guard names are Python expressions: "buckets[0].segments[3].shape[0]"
         root = name.split("[", 1)[0].split(".", 1)[0]
