@@ -85,6 +85,22 @@ def test_lr_schedule_and_hyper_changes_never_recompile():
     assert frames >= 1
 
 
+def test_refreshes_and_per_run_blocks_never_recompile():
+    """Subspace momentum on runs of equal shapes: refreshes decided on the host (t = 1, 5, 10) and per-run
+    outputs handed between blocks. The step's inputs are fresh views every call, so a guard on an object's
+    identity would recompile every step."""
+    from torch._dynamo.utils import counters
+
+    from conftest import with_node
+
+    model = make_model("stack")
+    opt = opdsl.Optimizer(model.parameters(), with_node(opdsl.load_spec("adamw-sm"), "sm", gap=5, rank=2))
+    train(model, opt, 2, kind="stack")
+    frames = counters["stats"]["unique_graphs"]
+    train(model, opt, 10, kind="stack", start=2)
+    assert counters["stats"]["unique_graphs"] == frames, dict(counters["recompiles"])
+
+
 def test_first_compile_traces_the_step_once():
     """Dynamo restarts its analysis once for 0-d float64 CPU inputs (hyperparameters were such): every spec's
     cold compile traced the step twice. With a cached graph the restart does not happen, so caches are off."""
