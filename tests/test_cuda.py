@@ -4,6 +4,7 @@ Skipped where no CUDA device is present (CI has none). Run on a GPU with ``pytho
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -38,11 +39,17 @@ def train(model: nn.Module, opt: opdsl.Optimizer, steps: range, no_sync: bool = 
         x, y = batch("mlp", step, DT)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
-        torch.cuda.set_sync_debug_mode("error" if no_sync else "default")
-        try:
+        with syncs_raise() if no_sync else contextlib.nullcontext():
             opt.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+
+
+@contextlib.contextmanager
+def syncs_raise():
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize("name", SPECS)
