@@ -202,19 +202,21 @@ def numel_of(shapes: Iterable[tuple[str, Shape]]) -> int:
     return sum(math.prod(s) for _, s in shapes)
 
 
+def stepped_shapes(shapes: Sequence[tuple[str, Shape]], only_2d: bool) -> list[tuple[str, Shape]]:
+    """The parameters a workload steps: all of them, or only the matrices (``only_2d``: matrix specs)."""
+    return [(name, s) for name, s in shapes if not only_2d or len(s) == 2]
+
+
 def make_params(
     shapes: Sequence[tuple[str, Shape]],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
-    only_2d: bool = False,
 ) -> list[torch.nn.Parameter]:
     """Fresh parameters with random data and random ``.grad`` (same seed = same numbers)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _, s in shapes:
-        if only_2d and len(s) != 2:
-            continue
         p = torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(device=device, dtype=dtype))
         p.grad = (torch.randn(s, generator=g) * 1e-2).to(device=device, dtype=dtype)
         out.append(p)
@@ -491,6 +493,7 @@ def run_workload(
     where the number came from) once every contender has taken its first step (state exists).
     """
     dev = torch.device(device)
+    shapes = stepped_shapes(shapes, only_2d)
     prepare_dynamo()
     results: list[Result] = []
     steppers: list[Stepper | None] = []
@@ -504,8 +507,7 @@ def run_workload(
         try:
             # Inside the try: at 1e9 parameters on a GPU not every contender fits beside the others, and one
             # that runs out of memory is reported as such (keep fewer with --only).
-            params += make_params(shapes, dev, dtype, seed=0, only_2d=only_2d)
-            r.numel = sum(p.numel() for p in params)
+            params += make_params(shapes, dev, dtype, seed=0)
             t0 = time.perf_counter()
             s = c.make(params)
             r.construct_s = time.perf_counter() - t0
@@ -602,7 +604,7 @@ def run_workload(
         workload=workload,
         algo=algo,
         numel=numel,
-        n_tensors=sum(1 for _, s in shapes if not only_2d or len(s) == 2),
+        n_tensors=len(shapes),
         bytes_per_param=bpp,
         bytes_note=bpp_note,
         bandwidth=bandwidth,

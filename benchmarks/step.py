@@ -524,7 +524,7 @@ def state_theory_of(
     """State bytes per parameter in theory: the oracle in state_theory.py (algorithms.md), else the torch algo's."""
     import state_theory
 
-    kept = [s for _, s in shapes if not only_2d or len(s) == 2]
+    kept = [s for _, s in H.stepped_shapes(shapes, only_2d)]
     numel = sum(math.prod(s) for s in kept)
     if spec in state_theory.SPECS:
         # the hyperparameters the opdsl rows were given (torch's, where the spec has them) and the count depends on
