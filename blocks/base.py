@@ -108,10 +108,15 @@ class Block(BaseModel):
         return Scope.ELEMENTWISE
 
     def splits_by_shape(self) -> bool:
-        """Whether the block wants a bucket per parameter shape: true for a per-tensor (or per-subset)
-        reduction broadcast back over its tensor, whose per-shape results would otherwise be concatenated
-        into a full-size temporary. Matrix products and elementwise work share one bucket across shapes."""
-        return False
+        """Whether the block wants a bucket per parameter shape: true for any per-tensor or per-subset work
+        (a reduction broadcast back over its tensor, a batched matrix product, a per-shape factor).
+
+        In a bucket of several shapes such a block computes one piece per shape, and the pieces are
+        concatenated into a full-size temporary before the next elementwise block reads them; inductor's CPU
+        backend writes that concatenation out. In a one-shape bucket the piece is the value. Elementwise and
+        global work share one bucket across shapes.
+        """
+        return self.scope() in (Scope.TENSOR, Scope.SUBSET)
 
     def state_specs(self) -> dict[str, StateSpec]:
         return {}

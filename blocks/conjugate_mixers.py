@@ -71,9 +71,6 @@ class MinNormMixer(_DirectionState):
     def scope(self) -> Scope:
         return Scope.GLOBAL if self.reduction == "global" else Scope.TENSOR
 
-    def splits_by_shape(self) -> bool:
-        return self.reduction != "global"
-
     @staticmethod
     def _terms(g: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         diff = g - d
@@ -157,9 +154,6 @@ class ConjugateMixer(_DirectionState):
 
     def scope(self) -> Scope:
         return Scope.TENSOR if self.reduction == "tensor" else Scope.SUBSET
-
-    def splits_by_shape(self) -> bool:
-        return True
 
     def state_specs(self) -> dict[str, StateSpec]:
         return {"d": StateSpec(StateKind.ELEMENTWISE), "previous_input": StateSpec(StateKind.ELEMENTWISE)}

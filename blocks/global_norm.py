@@ -39,9 +39,6 @@ class GlobalNorm(Block):
     def scope(self) -> Scope:
         return Scope.GLOBAL if self.span == "global" else Scope.TENSOR
 
-    def splits_by_shape(self) -> bool:
-        return self.span == "tensor"
-
     def state_specs(self) -> dict[str, StateSpec]:
         if self.span == "global":
             return {"b2": StateSpec(StateKind.SCALAR, dtype=torch.float64)}

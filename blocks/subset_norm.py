@@ -82,9 +82,6 @@ class SubsetNorm(Block):
     def scope(self) -> Scope:
         return Scope.SUBSET
 
-    def splits_by_shape(self) -> bool:
-        return True
-
     def state_specs(self) -> dict[str, StateSpec]:
         subset = self.subset
         return {"v": StateSpec(StateKind.TENSOR, shape=lambda shape: subset_layout(shape, subset)[2])}

@@ -49,7 +49,6 @@ class BlockContext:
         # 0-d bool on the host (for work the host launches or skips) and on the parameters' device.
         self.due: tuple[torch.Tensor, torch.Tensor] | None = None
         self.witnesses: dict[str, list[torch.Tensor]] = {}
-        self._concatenated: list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = []  # (concat output, its pieces)
 
     # ---- scalars ------------------------------------------------------------------------------------
     def value(self, field: float | Expr | None) -> Any:
@@ -107,9 +106,7 @@ class BlockContext:
         """Inverse of :meth:`run_views`: one full-size value from per-run pieces in buffer order."""
         if len(pieces) == 1:
             return pieces[0].reshape(self.value_shape)
-        out = torch.cat([p.reshape(-1) for p in pieces])
-        self._concatenated.append((out, tuple(pieces)))
-        return out
+        return torch.cat([p.reshape(-1) for p in pieces])
 
     def run_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """One ``(count, *shape)`` view per run of equal-shaped parameters: batched per-tensor work.
@@ -119,12 +116,6 @@ class BlockContext:
         """
         if len(self.runs) == 1:
             return [flat.view(value_shape(self.runs, self.numel))]
-        for out, pieces in self._concatenated:
-            if out is flat:  # not id(): dynamo would guard on the object and recompile every step
-                # Another block's per-run output: its pieces, not slices of their concatenation. Inductor then
-                # fuses the two blocks' per-run work into one loop instead of writing and reading the whole
-                # concatenation in between (Muon's Newton-Schulz output, scaled per shape by lr-scale).
-                return [p.reshape(r.count, *r.shape) for r, p in zip(self.runs, pieces)]
         return [flat[r.offset : r.end].view(r.count, *r.shape) for r in self.runs]
 
     def run_slices(self, per_segment: Sequence[Any]) -> list[Any]:

@@ -60,3 +60,25 @@ def test_guards_on_the_static_plan_are_dropped_and_those_on_inputs_kept():
              "grads[0]", "envs[0]['betas'][1]", "states[0]['adam.v']", "bucketsize"]
     kept = keep([SimpleNamespace(name=n) for n in names])
     assert [n for n, k in zip(names, kept) if k] == ["grads[0]", "envs[0]['betas'][1]", "states[0]['adam.v']", "bucketsize"]
+
+
+def _bucket_shapes(spec: str) -> dict[str, list[list[tuple[int, ...]]]]:
+    """Each graph's buckets, as the parameter shapes each one holds (the "stack" model: runs of equal shapes)."""
+    opt = opdsl.Optimizer(make_model("stack").parameters(), spec, compile=False)
+    out: dict[str, list[list[tuple[int, ...]]]] = {}
+    for b in opt._buckets:
+        out.setdefault(b.graph, []).append(sorted({tuple(p.shape) for p in b.flat.params}))
+    return out
+
+
+def test_per_tensor_work_gets_a_bucket_per_shape_and_elementwise_work_one_bucket():
+    """A block that works per tensor (a batched matrix product, a per-tensor norm or factor) gets a bucket per
+    shape, so that its per-shape results are never concatenated into a full-size temporary; elementwise and
+    global work keeps every shape in one bucket, one loop over all of them."""
+    matrices, everything = [(3, 8), (8, 24), (24, 8)], [(3,), (3, 8), (8,), (8, 24), (24,), (24, 8)]
+    cases = {"muon": matrices, "adamw-sm": matrices, "adamw-snsm": matrices, "coba": everything}
+    for spec, shapes in cases.items():  # orthogonalize + lr-scale, projector, subset-norm, per-tensor mixer
+        per_tensor = next(buckets for graph, buckets in _bucket_shapes(spec).items() if graph != "adam")
+        assert sorted(per_tensor) == [[s] for s in shapes], spec
+    for spec in ("adamw", "scsadamw"):  # elementwise; a global norm
+        assert list(_bucket_shapes(spec).values()) == [[[(3,), (3, 8), (8,), (8, 24), (24,), (24, 8)]]], spec
