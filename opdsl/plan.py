@@ -166,7 +166,7 @@ def build_buckets(
         raise BindError("the spec cannot take these parameters:\n  " + "\n  ".join(shape_problems))
     buckets: list[Bucket] = []
     for gi, (group, program) in enumerate(zip(param_groups, programs)):
-        # A program with a per-tensor reduction broadcast back over its tensor gets one bucket per shape: its
+        # A program with per-tensor or per-subset work (Block.splits_by_shape) gets one bucket per shape: its
         # batched operations then read plain (count, *shape) views of whole buffers, and no per-shape result
         # is concatenated into a full-size temporary. Other programs keep every shape in one buffer.
         per_shape = any(s.block.splits_by_shape() for s in program.steps)
