@@ -92,6 +92,19 @@ def median_iqr(xs: Sequence[float]) -> tuple[float, float]:
     return q[1], q[2] - q[0]
 
 
+def minor_page_faults() -> int | None:
+    """Pages this process has faulted in so far (Unix), or None where the OS does not say.
+
+    A step that allocates its temporaries afresh pays for their pages every time (the kernel maps and
+    zeroes them); a profiler books that to whichever kernel touches a page first, so it is counted here.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     sync(device)
     t0 = time.perf_counter()
@@ -265,6 +278,7 @@ class Result:
     family: str
     compiled: bool
     times: list[float] = dataclasses.field(default_factory=list)
+    page_faults: list[int] = dataclasses.field(default_factory=list)  # minor page faults of each timed step
     first_call_s: float = float("nan")
     construct_s: float = float("nan")
     recompiles: int | None = None
@@ -559,6 +573,7 @@ def run_workload(
                     continue
                 if s.refill:
                     s.refill()
+                faults = minor_page_faults()
                 try:
                     t = _timed(s.step, dev)
                 except Exception as exc:  # noqa: BLE001
@@ -566,6 +581,8 @@ def run_workload(
                     continue
                 if rnd >= warmup:
                     r.times.append(t)
+                    if faults is not None:
+                        r.page_faults.append(minor_page_faults() - faults)
     bandwidth = 2 * stream_n * itemsize / statistics.median(stream_times)
     del stream
 
@@ -662,6 +679,7 @@ def markdown_table(rep: WorkloadReport) -> str:
         "state B/param",
         "full-size states/tensor",
         "peak extra MB",
+        "page faults/step",
     ]
     if any_flops:
         head.append("GFLOP/s")
@@ -689,6 +707,7 @@ def markdown_table(rep: WorkloadReport) -> str:
             _fmt(r.state_bytes_per_param, ".2f"),
             _fmt(r.state_full_per_param, ".2f"),
             extra,
+            f"{statistics.median(r.page_faults):.0f}" if r.page_faults else "-",
         ]
         if any_flops:
             row.append(_fmt(r.flops / med / 1e9 if r.flops else None, ".1f"))

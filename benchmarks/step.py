@@ -797,6 +797,9 @@ def write_report(
         "with as many elements as their parameter, per parameter tensor.",
         f"- Peak extra MB: memory allocated above the pre-step level during one steady-state step "
         f"({reports[0].memory_method if reports else 'n/a'}); 'kept' = still allocated after the step.",
+        "- Page faults/step: median minor page faults of the process during a timed step: memory the step "
+        "touched that the OS had to map (and zero) for it, paid again every step when its temporaries are "
+        "freed back to the OS.",
     ]
     if opdsl_reason:
         lines.append(f"- opdsl rows: not measured in this run ({opdsl_reason}).")
