@@ -30,6 +30,11 @@ import time
 import warnings
 from typing import Any, Callable, Iterable, Sequence
 
+try:
+    import resource  # minor page faults (Unix)
+except ImportError:  # Windows
+    resource = None
+
 import torch
 
 Shape = tuple[int, ...]
@@ -98,9 +103,7 @@ def minor_page_faults() -> int | None:
     A step that allocates its temporaries afresh pays for their pages every time (the kernel maps and
     zeroes them); a profiler books that to whichever kernel touches a page first, so it is counted here.
     """
-    try:
-        import resource
-    except ImportError:  # Windows
+    if resource is None:
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 

@@ -86,9 +86,9 @@ def test_lr_schedule_and_hyper_changes_never_recompile():
 
 
 def test_refreshes_and_per_run_blocks_never_recompile():
-    """Subspace momentum on runs of equal shapes: refreshes decided on the host (t = 1, 5, 10) and per-run
-    outputs handed between blocks. The step's inputs are fresh views every call, so a guard on an object's
-    identity would recompile every step."""
+    """Subspace momentum on runs of equal shapes (a bucket per matrix shape): refreshes decided on the host
+    (t = 1, 5, 10). The step's inputs are fresh views every call, so a guard on an object's identity would
+    recompile every step."""
     from torch._dynamo.utils import counters
 
     from conftest import with_node
