@@ -290,9 +290,9 @@ class Optimizer(torch.optim.Optimizer):
         for clock in self._clocks:
             clock.decide()
         ok = self._compiled()(
-            [b.shaped(b.flat.param) for b in buckets],
+            [b.shaped_param for b in buckets],
             [b.shaped(self._first_grads[i] if self._needs_grad2 else b.flat.grad) for i, b in enumerate(buckets)],
-            [b.shaped_state() for b in buckets],
+            [b.shaped_state for b in buckets],
             [b.step for b in buckets],
             [self._envs[(b.group_index, b.flat.device)] for b in buckets],
             actives,

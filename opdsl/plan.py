@@ -75,13 +75,19 @@ class Bucket:
         """A full-size buffer in the step's value layout: a view, no copy."""
         return flat.view(self.value_shape)
 
+    # The parameter buffer and the state tensors live as long as the bucket (they are written in place,
+    # never replaced), so their views are made once: making them on every step cost CoBA 70 of its
+    # 260 us per step on a small model, time a GPU would sit idle for.
     @cached_property
-    def _elementwise_states(self) -> frozenset[str]:
-        return frozenset(k for k, spec in self.program.state_specs.items() if spec.kind is StateKind.ELEMENTWISE)
+    def shaped_param(self) -> torch.Tensor:
+        """The parameter buffer in the step's value layout."""
+        return self.shaped(self.flat.param)
 
+    @cached_property
     def shaped_state(self) -> dict[str, Any]:
         """The state as the step takes it: full-size (elementwise) states in the value layout."""
-        return {k: self.shaped(v) if k in self._elementwise_states else v for k, v in self.state.items()}
+        elementwise = {k for k, spec in self.program.state_specs.items() if spec.kind is StateKind.ELEMENTWISE}
+        return {k: self.shaped(v) if k in elementwise else v for k, v in self.state.items()}
 
     def state_bytes(self, index: int) -> int:
         """Bytes of optimizer state held for the bucket's ``index``-th parameter."""
