@@ -296,8 +296,8 @@ def test_closure_is_called_and_its_loss_returned():
         loss.backward()
         return loss
 
-    first = opt.step(closure)
-    assert float(opt.step(closure)) < float(first)
+    first = opt.step(closure).detach()
+    assert opt.step(closure).detach() < first
 
 
 def test_is_a_torch_optimizer_and_works_with_grad_scaler_style_unscale():
