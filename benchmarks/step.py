@@ -105,11 +105,6 @@ ALIASES = {
     "sgd_nesterov_momentum": "sgd_nesterov",
 }
 
-# Specs whose bytes moved per parameter are not "3 itemsizes + read/write of every state byte"
-# (e.g. state not touched every step, or extra passes). Value: bytes per parameter, fp32.
-# Left empty on purpose until a spec needs it; a global reduction's second pass (scsadamw) is
-# *not* added here: the floor is the single-pass bytes and the target allows 1.3x for it.
-OPDSL_BPP_OVERRIDE: dict[str, float] = {}
 
 # Shipped specs that are matrix specs (2-D params only in the torch oracle; FLOP/s reported).
 MATRIX_SPECS = {"muon"}
@@ -303,6 +298,18 @@ def opdsl_available() -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
+def opdsl_spec_problem(spec_name: str) -> str | None:
+    """None when opdsl loads ``spec_name`` (a shipped spec or a YAML file), else why it does not (a torch-only name
+    such as ``sgd_nesterov`` gets torch's rows alone)."""
+    import opdsl
+
+    try:
+        opdsl.load_spec(spec_name)
+        return None
+    except opdsl.SpecError as exc:
+        return str(exc).splitlines()[0]
+
+
 def opdsl_contenders(spec_name: str, device: torch.device) -> list[H.Contender]:
     """``opdsl.Optimizer(params, spec, compile=True)`` and ``compile=False``; [] until opdsl imports."""
     if opdsl_available() is not None:
@@ -330,15 +337,22 @@ def opdsl_contenders(spec_name: str, device: torch.device) -> list[H.Contender]:
             if rank:
                 flops = projection_flops(params, rank)
             step = opt.step
-            if opt._needs_grad2:  # SGDOL: two gradients per step; the "fresh batch" here is a copy of the same one
+            if opt._needs_grad2:
+                # SGDOL calls its closure twice a step. A user's closure runs forward and backward, which is not
+                # the optimizer's cost: here it does nothing. The first gradient is refilled untimed before
+                # every step; the second is the zeroed buffer the step hands the closure. What is timed is the
+                # step's own work: setting the first gradient aside, zeroing the second buffer, both sums and
+                # the update (the numbers do not change the kernels' work).
                 saved = [p.grad.clone() for p in params]
 
-                def refill_grads() -> None:
+                def refill_first_gradient() -> None:
                     for p, g in zip(params, saved):
                         p.grad.copy_(g)
 
-                step = lambda: opt.step(refill_grads)  # noqa: E731 (the timed step includes both gradient copies)
-            return H.Stepper(step, opt, _set_lr_float(opt), flops=flops)
+                return H.Stepper(
+                    lambda: opt.step(lambda: None), opt, _set_lr_float(opt), refill=refill_first_gradient, flops=flops
+                )
+            return H.Stepper(opt.step, opt, _set_lr_float(opt), flops=flops)
 
         return make
 
@@ -498,16 +512,18 @@ def projections_alone(spec_name: str, rank: int) -> H.Contender:
 # --------------------------------------------------------------------------------------------
 
 
-def bytes_per_param_fn(spec: str, algo: Algo | None, itemsize: int) -> Callable[[list[H.Result]], tuple[float, str]]:
+def bytes_per_param_fn(algo: Algo | None, itemsize: int, second_gradient: bool) -> Callable[[list[H.Result]], tuple[float, str]]:
+    """The spec's own bytes moved per parameter, one pass: read and write p, read g (and ``grad2``, for SGDOL),
+    read and write every state byte. A reduction's second pass over g is not counted: its target allows it."""
+    streams, named = (4, "p r/w, g r, grad2 r") if second_gradient else (3, "p r/w, g r")
+
     def fn(results: list[H.Result]) -> tuple[float, str]:
-        if spec in OPDSL_BPP_OVERRIDE:
-            return OPDSL_BPP_OVERRIDE[spec] * itemsize / 4, "override table"
         for r in results:
             if r.family == "opdsl" and r.error is None and r.numel:
                 sbpp = r.state_bytes_per_param
                 return (
-                    3 * itemsize + 2 * sbpp,
-                    f"from opdsl's own state: 3x{itemsize} (p r/w, g r) + 2x{sbpp:.2f} state r/w",
+                    streams * itemsize + 2 * sbpp,
+                    f"from opdsl's own state: {streams}x{itemsize} ({named}) + 2x{sbpp:.2f} state r/w",
                 )
         if algo is not None:
             return float(algo.theory_bpp(itemsize)), f"theory: {algo.bytes_doc}"
@@ -654,8 +670,12 @@ def measure(args: argparse.Namespace, specs: list[str]) -> Measured:
         cname = canonical(spec)
         algo = ALGOS.get(cname)
         contenders: list[H.Contender] = []
-        if opdsl_reason is None:
+        spec_problem = opdsl_reason or opdsl_spec_problem(spec)
+        if spec_problem is None:
             contenders += opdsl_contenders(spec, device)
+        elif not opdsl_reason:
+            print(f"{spec}: no opdsl rows ({spec_problem})")
+        second_gradient = spec_problem is None and T.reads_second_gradient(spec)
         if algo is not None:
             contenders += torch_contenders(algo, device, not args.no_torch_compile, args.extra)
             if not args.no_heavyball:
@@ -678,7 +698,7 @@ def measure(args: argparse.Namespace, specs: list[str]) -> Measured:
             print(f"== {spec} on {wname}: {H.numel_of(shapes) / 1e6:.2f}M params, {len(shapes)} tensors")
             rep = H.run_workload(
                 wname, spec, shapes, here,
-                bytes_per_param_fn(cname, algo, itemsize),
+                bytes_per_param_fn(algo, itemsize, second_gradient),
                 device=device, dtype=dtype, repeats=args.repeats, warmup=args.warmup,
                 recompile_steps=args.recompile_steps, only_2d=only_2d,
             )

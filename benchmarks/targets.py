@@ -50,6 +50,11 @@ def block_of(spec_name: str, kind: str):
     return next((b for b in blocks_of(spec_name) if b.block == kind), None)
 
 
+def reads_second_gradient(spec_name: str) -> bool:
+    """Whether the spec reads ``grad2``, a second gradient at the same point (SGDOL): 4 more bytes per parameter read."""
+    return any("grad2" in b.inputs().values() for b in blocks_of(spec_name))
+
+
 def spec_kind(spec_name: str) -> str:
     """'adamw', 'elementwise', 'reduction', 'global' or 'matrix': which target the spec is held to."""
     from opdsl.blocks.base import Scope
@@ -94,12 +99,12 @@ def _find(results: Iterable[H.Result], name: str) -> H.Result | None:
 
 def check(rep: H.WorkloadReport, first_workload: bool) -> Verdict:
     """How the default compiled opdsl step of one workload report fares against its targets."""
-    kind = spec_kind(rep.algo)
     ours = _find(rep.results, f"opdsl {rep.algo} compiled")
+    if ours is None:  # opdsl failed, was left out, or does not know the name (a torch-only algorithm)
+        return Verdict(rep.algo, rep.workload, "-", *([None] * 8), ["no compiled opdsl row"], [])
+    kind = spec_kind(rep.algo)
     problems: list[str] = []
     notes: list[str] = []
-    if ours is None:
-        return Verdict(rep.algo, rep.workload, kind, *([None] * 8), ["no compiled opdsl row"], [])
     x_floor = ours.median / rep.floor_s
     target = FLOOR_TARGETS.get(kind)
     if target is not None and x_floor > target:

@@ -1,0 +1,75 @@
+"""What the step benchmark counts: the floor's bytes per parameter, and SGDOL's timed step.
+
+The benchmark's numbers are read against its floor, so the floor must count every stream the spec
+reads; and a contender's timed step must be the optimizer's work, not the benchmark's set-up.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # benchmarks/ is scripts, not a package: step.py imports harness, targets
+
+import harness  # noqa: E402
+import step  # noqa: E402
+import targets  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _opdsl_result(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> harness.Result:
+    state_bytes, _ = harness.state_stats(optimizer, params)
+    return harness.Result(
+        name="opdsl x compiled", family="opdsl", compiled=True, numel=sum(p.numel() for p in params),
+        state_bytes=state_bytes,
+    )
+
+
+@pytest.mark.parametrize(("spec", "streams"), [("adamw", 3), ("sgdol", 4)])
+def test_floor_counts_every_gradient_the_spec_reads(spec, streams):
+    """p read and write, g read, and SGDOL's second gradient read: 4 bytes each, plus the state's bytes twice."""
+    import opdsl
+
+    params = [torch.nn.Parameter(torch.randn(32, 16)), torch.nn.Parameter(torch.randn(16))]
+    optimizer = opdsl.Optimizer(params, spec, compile=False)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step(lambda: None) if targets.reads_second_gradient(spec) else optimizer.step()
+    result = _opdsl_result(optimizer, params)
+
+    # AdamW keeps m and v; SGDOL three global scalars (a few bytes over these 528 parameters)
+    assert result.state_bytes_per_param == pytest.approx(8.0 if spec == "adamw" else 0.0, abs=0.1)
+    second = targets.reads_second_gradient(spec)
+    assert second == (spec == "sgdol")
+    bytes_per_param, note = step.bytes_per_param_fn(None, 4, second)([result])
+    assert bytes_per_param == pytest.approx(streams * 4 + 2 * result.state_bytes_per_param)
+    assert ("grad2 r" in note) == second
+
+
+def test_sgdol_timed_step_is_the_optimizers_work():
+    """The timed step calls the closure twice but the closure does nothing; the first gradient is refilled
+    untimed before every step, so every step sees the same first gradient and still moves the parameters."""
+    params = [torch.nn.Parameter(torch.randn(24, 8)), torch.nn.Parameter(torch.randn(8))]
+    grads = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    eager = next(c for c in step.opdsl_contenders("sgdol", torch.device("cpu")) if c.name == "opdsl sgdol eager")
+    stepper = eager.make(params)
+    assert stepper.refill is not None
+
+    for _ in range(3):
+        before = [p.detach().clone() for p in params]
+        stepper.refill()
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+        stepper.step()
+        assert any(not torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_a_torch_only_name_gets_no_opdsl_rows():
+    """A name opdsl has no spec for (torch's Nesterov SGD) is benchmarked with torch's contenders alone."""
+    assert step.opdsl_spec_problem("sgd_nesterov") is not None
+    assert step.opdsl_spec_problem("sgdol") is None
