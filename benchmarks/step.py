@@ -336,7 +336,6 @@ def opdsl_contenders(spec_name: str, device: torch.device) -> list[H.Contender]:
             flops = muon_flops(params, ns_steps) if ns_steps else None
             if rank:
                 flops = projection_flops(params, rank)
-            step = opt.step
             if opt._needs_grad2:
                 # SGDOL calls its closure twice a step. A user's closure runs forward and backward, which is not
                 # the optimizer's cost: here it does nothing. The first gradient is refilled untimed before

@@ -19,6 +19,8 @@ import dataclasses
 import math
 from typing import Iterable, Sequence
 
+import torch
+
 import harness as H
 
 COMPILE_BUDGET_S = 15.0
@@ -51,8 +53,14 @@ def block_of(spec_name: str, kind: str):
 
 
 def reads_second_gradient(spec_name: str) -> bool:
-    """Whether the spec reads ``grad2``, a second gradient at the same point (SGDOL): 4 more bytes per parameter read."""
-    return any("grad2" in b.inputs().values() for b in blocks_of(spec_name))
+    """Whether the spec reads ``grad2``, a second gradient at the same point (SGDOL): 4 more bytes per parameter read.
+
+    Asks the engine (what its step will read, after ``if:`` switches nodes off) rather than the spec's fields.
+    """
+    import opdsl
+
+    probe = opdsl.Optimizer([torch.nn.Parameter(torch.zeros(2, 2))], spec_name, compile=False)
+    return probe._needs_grad2
 
 
 def spec_kind(spec_name: str) -> str:
@@ -161,6 +169,8 @@ def summary_table(items: Sequence[Verdict]) -> str:
     for v in items:
         if v.kind == "matrix":
             target = f"{MATMUL_TARGET:g}x matmuls alone"
+        elif v.target is None:  # no compiled opdsl row to hold to one
+            target = "-"
         else:
             target = f"{v.target:g}x" + (", <= fused" if v.kind == "adamw" else "")
         lines.append(

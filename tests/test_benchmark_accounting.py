@@ -70,6 +70,17 @@ def test_sgdol_timed_step_is_the_optimizers_work():
 
 
 def test_a_torch_only_name_gets_no_opdsl_rows():
-    """A name opdsl has no spec for (torch's Nesterov SGD) is benchmarked with torch's contenders alone."""
+    """A name opdsl has no spec for (torch's Nesterov SGD) is benchmarked with torch's contenders alone, and
+    the target summary says it has no opdsl row instead of failing."""
     assert step.opdsl_spec_problem("sgd_nesterov") is not None
     assert step.opdsl_spec_problem("sgdol") is None
+
+    torch_only = harness.Result(name="torch fused", family="torch", compiled=False, numel=10, times=[1e-3])
+    report = harness.WorkloadReport(
+        workload="sized 1e1", algo="sgd_nesterov", numel=10, n_tensors=1, bytes_per_param=20.0, bytes_note="theory",
+        bandwidth=1e9, stream_times=[1e-3], results=[torch_only], memory_method="-", dtype=torch.float32,
+    )
+    verdict = targets.check(report, first_workload=True)
+    assert verdict.problems == ["no compiled opdsl row"] and verdict.target is None
+    row = targets.summary_table([verdict]).splitlines()[-1]
+    assert row.startswith("| sgd_nesterov | sized 1e1 | - |") and "MISSED: no compiled opdsl row" in row
