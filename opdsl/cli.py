@@ -110,10 +110,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(spec=args.spec, steps=args.steps, compile=not args.eager)
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
+def _bench(rest: Sequence[str]) -> int:
     from opdsl.bench import main as bench_main
 
-    return bench_main(args.rest)
+    return bench_main(rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,13 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eager", action="store_true", help="skip torch.compile")
     p.set_defaults(run=_cmd_demo)
-    p = sub.add_parser("bench", help="step-time benchmark against torch.optim (args as benchmarks/step.py)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(run=_cmd_bench)
+    # listed for `opdsl --help` only: main() hands everything after `bench` to step.py's own parser, so that
+    # `opdsl bench --help` is step.py's and an option may come first (argparse's REMAINDER refuses that)
+    sub.add_parser("bench", add_help=False, help="step-time benchmark against torch.optim (args as benchmarks/step.py)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.run(args) or 0)
 

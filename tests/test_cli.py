@@ -81,3 +81,15 @@ def test_bench_takes_spec_names_before_options():
         "--specs", "adamw", "specs/lion.yaml", "--sizes", "1e6",
     ]
     assert step_arguments(["--full", "--threads", "1"]) == ["--full", "--threads", "1"]
+
+
+def test_bench_passes_every_argument_to_the_benchmark(monkeypatch):
+    """`opdsl bench --sizes 1e6` (an option first) and `opdsl bench --help` reach step.py's own parser."""
+    import opdsl.bench
+
+    seen = []
+    monkeypatch.setattr(opdsl.bench, "main", lambda rest: seen.append(list(rest)) or 0)
+    assert main(["bench", "--sizes", "1e6", "--only", "compiled"]) == 0
+    assert main(["bench", "--help"]) == 0
+    assert main(["bench", "adamw", "--sizes", "1e6"]) == 0
+    assert seen == [["--sizes", "1e6", "--only", "compiled"], ["--help"], ["adamw", "--sizes", "1e6"]]
