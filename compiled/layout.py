@@ -122,9 +122,16 @@ class FlatBuffers:
         return [flat[s.offset : s.end].view(s.shape) for s in self.segments]
 
     def install_grad_views(self, keep_values: bool) -> None:
-        """Point every ``p.grad`` at its slice of the gradient buffer (copying a foreign grad in first)."""
+        """Point every ``p.grad`` at its slice of the gradient buffer (copying a foreign grad in first).
+
+        A frozen parameter (``requires_grad=False``) without a gradient keeps ``.grad`` None, as in torch:
+        backward never writes one, and a zero view would have it stepped (decayed) every step.
+        """
         with torch.no_grad():
             for p, view in zip(self.params, self._grad_views):
+                if not p.requires_grad and (p.grad is None or p.grad is view):
+                    p.grad = None
+                    continue
                 if p.grad is not None and p.grad is not view and keep_values:
                     view.copy_(p.grad.reshape(view.shape))
                 p.grad = view
@@ -137,17 +144,20 @@ class FlatBuffers:
         missing: list[int] = []
         for i, (p, view) in enumerate(zip(self.params, self._grad_views)):
             g = p.grad
-            if g is view:
+            if g is view and p.requires_grad:
                 continue
             with torch.no_grad():
-                if g is None:
+                if g is None or g is view:  # no gradient, or frozen since its view was installed
                     view.zero_()
                     missing.append(i)
+                    if not p.requires_grad:
+                        p.grad = None
+                        continue
+                elif g.is_sparse:
+                    raise RuntimeError(
+                        f"parameter {i} of a bucket has a sparse gradient; opdsl supports dense gradients only"
+                    )
                 else:
-                    if g.is_sparse:
-                        raise RuntimeError(
-                            f"parameter {i} of a bucket has a sparse gradient; opdsl supports dense gradients only"
-                        )
                     view.copy_(g.reshape(view.shape))
             p.grad = view
         return missing or None

@@ -12,14 +12,21 @@ Semantics that differ from torch.optim, on purpose:
   views, so backward accumulates into the buffer and the step reads it with no gather. A parameter that
   receives no gradient is then stepped with a zero gradient. ``zero_grad(set_to_none=True)`` restores
   torch's behaviour (a parameter whose ``.grad`` is None is left untouched, state included), at the cost
-  of one gather per step.
+  of one gather per step. A frozen parameter (``requires_grad=False``) is never given a view and is
+  left untouched, as in torch.
+- The step count is one per parameter group and device, not per parameter: a parameter that receives
+  its first gradient at step 10 is bias-corrected as at step 10 (torch counts 1).
 - ``on_nonfinite="skip"`` (default): if any gradient holds inf or NaN the whole step is skipped on the
   device (parameters, state and step counts unchanged) and ``skipped_steps`` counts it; ``"error"``
   also raises (one host sync); ``"propagate"`` does what torch.optim does. Graphs that sum squares or
   products of the gradients anyway (subset-norm, global-norm, the min-norm and conjugate mixers, SGDOL)
   are checked through those sums, so they also skip a step whose terms overflow (|g| > 1.8e19 in
   float32) instead of making their accumulator infinite.
-- The step count is kept per bucket, not per parameter.
+- ``state`` holds views of the flat state. Editing it the torch way is followed before the next step:
+  ``state.clear()`` (or deleting every entry of a group) restarts that state at step 0, and a tensor put
+  in place of a state is copied in; deleting the entries of only some parameters of a group is refused
+  (see :mod:`opdsl.state_view`).
+- Parameters whose memory overlaps another's are refused: each is moved into a flat buffer.
 
 Specs that read ``grad2`` (SGDOL) need two independent gradients at the same point: ``step(closure)``
 calls the closure twice, and the closure must draw a fresh minibatch on each call. The first call's
@@ -28,7 +35,6 @@ gradient is ``grad``, the second's ``grad2``; the returned loss is the first cal
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -44,11 +50,14 @@ from opdsl.plan import (
     conditions_of,
     float_env,
     per_param_state,
+    reset_state,
     scalar_dtype,
     scalar_slot,
+    shared_state_keys,
 )
 from opdsl.schedule import DueFlag, StepClock
 from opdsl.spec import MAIN_GRAPH, Spec
+from opdsl.state_view import InstalledState
 
 __all__ = ["Optimizer"]
 
@@ -77,12 +86,9 @@ class Optimizer(torch.optim.Optimizer):
         on_nonfinite: str = "skip",
         **hyper: Any,
     ):
-        self.spec = load_spec(spec)
         if on_nonfinite not in NONFINITE_MODES:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_MODES}, got {on_nonfinite!r}")
-        self.on_nonfinite = on_nonfinite
-        self._compile = compile
-        self._hyper_names = list(self.spec.hyper)
+        self._set_up(load_spec(spec), compile, on_nonfinite, frozenset(hyper), names={})
         unknown = sorted(set(hyper) - set(self._hyper_names))
         if unknown:
             raise TypeError(
@@ -90,18 +96,60 @@ class Optimizer(torch.optim.Optimizer):
                 f"valid: {', '.join(self._hyper_names)}"
             )
         defaults = {k: _normalize(k, v) for k, v in {**self.spec.hyper, **hyper}.items()}
-        self._explicit_hyper = frozenset(hyper)
-        self._names: dict[int, str] = {}
+        self._building = True
+        super().__init__(_with_names(params, self._names), defaults)
+        self._building = False
+        self._rebuild()
+
+    def _set_up(
+        self, spec: Spec, compile: bool | dict[str, Any], on_nonfinite: str, explicit: frozenset[str], names: dict[int, str]
+    ) -> None:
+        """The fields of an optimizer with no buckets yet (``__init__`` and ``__setstate__``)."""
+        self.spec = spec
+        self.on_nonfinite = on_nonfinite
+        self._compile = compile
+        self._hyper_names = list(spec.hyper)
+        self._explicit_hyper = explicit
+        self._names = names
         self._buckets: list[Bucket] = []
         self._step_fn: Callable[..., Any] | None = None
         self._envs: dict[tuple[int, torch.device], dict[str, Any]] = {}
         self._seen: list[dict[str, Any]] = []
         self._skipped: torch.Tensor | None = None
         self._clocks: list[StepClock] = []
-        self._building = True
-        super().__init__(_with_names(params, self._names), defaults)
         self._building = False
+
+    # ---- copy and pickle ------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and pickle keep: the groups (parameters included), spec, options and state.
+
+        Parameters are kept as tensors; the flat buffers are not: they are made anew around the copied
+        parameters, as when an optimizer is built. ``copy.deepcopy((model, optimizer))`` gives a copy that
+        steps the copied model.
+        """
+        self._adopt_state_edits()
+        return {
+            "defaults": self.defaults,
+            "param_groups": self.param_groups,
+            "spec": self.spec,
+            "compile": self._compile,
+            "on_nonfinite": self.on_nonfinite,
+            "explicit_hyper": self._explicit_hyper,
+            "names": [(p, self._names[id(p)]) for g in self.param_groups for p in g["params"] if id(p) in self._names],
+            "state": [(p, dict(entry)) for p, entry in self.state.items()],
+            "skipped": self._skipped,
+        }
+
+    def __setstate__(self, saved: dict[str, Any]) -> None:
+        self._set_up(
+            saved["spec"], saved["compile"], saved["on_nonfinite"], saved["explicit_hyper"],
+            names={id(p): name for p, name in saved["names"]},
+        )
+        super().__setstate__({"defaults": saved["defaults"], "param_groups": saved["param_groups"], "state": {}})
+        self._skipped = saved["skipped"]
         self._rebuild()
+        self._import_state({id(p): entry for p, entry in saved["state"]}, strict=False)
+        self._start_clocks()  # the step counters were just loaded
 
     # ---- param groups and routing --------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -185,6 +233,8 @@ class Optimizer(torch.optim.Optimizer):
     # ---- plan -------------------------------------------------------------------------------------------
     def _rebuild(self) -> None:
         """(Re)bind the spec to the current groups, keeping state by parameter and node name."""
+        if self._buckets:
+            self._adopt_state_edits()
         saved = self._export_state() if self._buckets else {}
         self._buckets = build_buckets(self.spec, self.param_groups, self._names, self._hyper_names)
         self._envs = {}
@@ -219,17 +269,36 @@ class Optimizer(torch.optim.Optimizer):
             self._clocks.append(StepClock(buckets[0].step, self.on_nonfinite != "propagate", list(flags.values())))
 
     def _refresh_state_views(self) -> None:
-        self.state = defaultdict(dict)
+        self._installed = InstalledState([
+            (p, bucket.group_index, per_param_state(bucket, i), shared_state_keys(bucket))
+            for bucket in self._buckets
+            for i, p in enumerate(bucket.flat.params)
+        ])
+        self.state = self._installed.mapping
+
+    def _adopt_state_edits(self) -> None:
+        """Follow edits of ``self.state`` made the torch way, or refuse them before anything is stepped."""
+        if not self._installed.edited(self.state):
+            return
+        edits = self._installed.edits(self.state, self._name)
+        if edits.problems:
+            raise StateDictError(
+                "optimizer.state was edited in a way opdsl cannot follow (nothing was stepped):\n  "
+                + "\n  ".join(edits.problems)
+            )
         for bucket in self._buckets:
-            for i, p in enumerate(bucket.flat.params):
-                self.state[p] = per_param_state(bucket, i)
+            if bucket.group_index in edits.reset_groups:
+                reset_state(bucket)
+        self._import_state(edits.replaced, strict=False)
+        self._refresh_state_views()
+        self._start_clocks()  # step counters may have been reset or replaced
 
     def _sync_hypers(self, force: bool = False) -> None:
         """Copy changed group values into the 0-d tensors the step reads; re-plan if a condition flips."""
         replan = False
         for gi, group in enumerate(self.param_groups):
             seen = self._seen[gi]
-            changed = [k for k in self._hyper_names if force or not _same(seen.get(k, _UNSET), group[k])]
+            changed = [k for k in self._hyper_names if force or seen.get(k, _UNSET) != _mark(group[k])]
             if not changed:
                 continue
             env = float_env(group, self._hyper_names)
@@ -240,7 +309,7 @@ class Optimizer(torch.optim.Optimizer):
                 if g == gi:
                     _write_env(tensors, env, changed, device)
             for k in changed:
-                seen[k] = group[k]
+                seen[k] = _mark(group[k])
         if replan:
             self._rebuild()
 
@@ -254,6 +323,7 @@ class Optimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
+        self._adopt_state_edits()
         self._sync_hypers()
         if self._needs_grad2:
             if closure is None:
@@ -370,7 +440,11 @@ class Optimizer(torch.optim.Optimizer):
         """torch-shaped (``state`` by parameter index, ``param_groups``) plus the spec and its digest.
 
         State is keyed ``node.state`` (e.g. ``m.value``), so it survives spec edits that keep node names.
+        torch's state_dict hooks run as in ``torch.optim.Optimizer.state_dict``.
         """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        self._adopt_state_edits()
         index = {}
         groups = []
         for group in self.param_groups:
@@ -378,7 +452,7 @@ class Optimizer(torch.optim.Optimizer):
             packed["params"] = [index.setdefault(id(p), len(index)) for p in group["params"]]
             groups.append(packed)
         state = {index[id(p)]: dict(s) for p, s in self.state.items()}
-        return {
+        state_dict = {
             "state": state,
             "param_groups": groups,
             "opdsl": {
@@ -389,8 +463,23 @@ class Optimizer(torch.optim.Optimizer):
                 "skipped_steps": self._skipped.clone() if self._skipped is not None else None,
             },
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            returned = post_hook(self, state_dict)
+            if returned is not None:
+                state_dict = returned
+        return state_dict
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load what :meth:`state_dict` wrote (torch's load_state_dict hooks run around it, as in torch)."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            returned = pre_hook(self, state_dict)
+            if returned is not None:
+                state_dict = returned
+        self._load(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load(self, state_dict: Mapping[str, Any]) -> None:
         meta = state_dict.get("opdsl")
         if meta is None:
             raise StateDictError(
@@ -433,6 +522,7 @@ class Optimizer(torch.optim.Optimizer):
                 if key not in ("params", "param_names", "graph"):
                     group[key] = value
         saved_state = {id(by_index[i]): s for i, s in state_dict["state"].items() if i in by_index}
+        self._refresh_state_views()  # what is loaded replaces any edit of self.state
         self._rebuild()
         self._import_state(saved_state, strict=True)
         self._start_clocks()  # the step counters were just loaded
@@ -451,12 +541,38 @@ class Optimizer(torch.optim.Optimizer):
 _UNSET = object()
 
 
-def _same(old: Any, new: Any) -> bool:
-    if old is new:
-        return True
-    if isinstance(old, torch.Tensor) or isinstance(new, torch.Tensor) or old is _UNSET:
-        return False
-    return type(old) is type(new) and old == new
+class _TensorMark:
+    """A tensor-valued hyperparameter as last seen: the tensor itself and its version counter.
+
+    Schedulers change a tensor ``lr`` in place (``fill_``), which bumps the counter; reading the value
+    instead would sync with the device on every step.
+    """
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        try:
+            self.version: int | None = tensor._version
+        except RuntimeError:  # inference tensors keep no version counter: always treat them as changed
+            self.version = None
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _TensorMark) and other.tensor is self.tensor
+            and self.version is not None and other.version == self.version
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _mark(value: Any) -> Any:
+    """What tells whether a group's hyperparameter changed since it was last copied into the step's tensors."""
+    if isinstance(value, torch.Tensor):
+        return _TensorMark(value)
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(_mark(v) for v in value))
+    return (type(value), value)
 
 
 def _normalize(name: str, value: Any) -> Any:

@@ -146,6 +146,46 @@ def _init_state(spec: StateSpec, flat: FlatBuffers) -> Any:
     return scalar_slot(spec.init, flat.device, dtype)
 
 
+def _label(p: torch.Tensor, names: Mapping[int, str], group: int, k: int) -> str:
+    place = f"param_groups[{group}]['params'][{k}]"
+    shape = f"shape {tuple(p.shape)}"
+    return f"{names[id(p)]!r} ({place}, {shape})" if id(p) in names else f"{place} ({shape})"
+
+
+def _memory_span(p: torch.Tensor) -> tuple[int, int, int]:
+    """(storage address, first byte, end byte) of the memory a tensor's elements may occupy."""
+    size = p.element_size()
+    first = p.storage_offset() * size
+    last = sum((n - 1) * stride for n, stride in zip(p.shape, p.stride())) * size
+    return p.untyped_storage().data_ptr(), first, first + last + size
+
+
+def _overlaps(param_groups: list[dict[str, Any]], names: Mapping[int, str]) -> list[str]:
+    """Problems for parameters whose memory overlaps another's (``Parameter(base[:4])``, ``Parameter(base[2:])``).
+
+    Each parameter is moved into a flat buffer of its own, so two parameters that share elements would
+    silently stop sharing them. Parameters that share a storage without overlapping (views of one
+    checkpoint's memory, or of an earlier flat buffer) are fine.
+    """
+    spans = sorted(
+        (*_memory_span(p), _label(p, names, gi, k))
+        for gi, group in enumerate(param_groups)
+        for k, p in enumerate(group["params"])
+        if p.numel() > 0 and p.device.type != "meta"
+    )
+    problems, reach = [], None  # reach: (storage, end byte, label) of the furthest-reaching span so far
+    for storage, start, end, label in spans:
+        if reach is not None and reach[0] == storage and start < reach[1]:
+            problems.append(
+                f"parameters {reach[2]} and {label} overlap in memory; opdsl copies each parameter into a "
+                "flat buffer, which would separate them: make them one parameter, or tie them by passing the "
+                "same Parameter object"
+            )
+        if reach is None or reach[0] != storage or end > reach[1]:
+            reach = (storage, end, label)
+    return problems
+
+
 def build_buckets(
     spec: Spec, param_groups: list[dict[str, Any]], names: Mapping[int, str], hyper_names: list[str]
 ) -> list[Bucket]:
@@ -158,16 +198,20 @@ def build_buckets(
         check_group_values(spec, graph, env, f"param_groups[{gi}]")
         program = build_program(graph, spec.graphs[graph], decider(env))
         programs.append(program)
-        for p in group["params"]:
+        for k, p in enumerate(group["params"]):
+            label = _label(p, names, gi, k)
             if not p.dtype.is_floating_point:
-                shape_problems.append(f"parameter {names.get(id(p), '?')} has dtype {p.dtype}; opdsl steps floating-point parameters only")
+                shape_problems.append(
+                    f"parameter {label} has dtype {p.dtype}; opdsl steps real floating-point parameters only"
+                )
             for step in program.steps:
                 reason = step.block.check_shape(p.shape)
                 if reason:
                     shape_problems.append(
-                        f"parameter {names.get(id(p), '?')} (shape {tuple(p.shape)}, param_groups[{gi}], "
-                        f"graph {graph!r}) cannot pass node {step.name!r} ({step.block.block}): {reason}"
+                        f"parameter {label} (graph {graph!r}) cannot pass node {step.name!r} "
+                        f"({step.block.block}): {reason}"
                     )
+    shape_problems += _overlaps(param_groups, names)
     if shape_problems:
         raise BindError("the spec cannot take these parameters:\n  " + "\n  ".join(shape_problems))
     buckets: list[Bucket] = []
@@ -214,4 +258,19 @@ def per_param_state(bucket: Bucket, index: int) -> dict[str, torch.Tensor]:
     return out
 
 
-__all__ += ["per_param_state", "state_key"]
+def shared_state_keys(bucket: Bucket) -> frozenset[str]:
+    """Keys of :func:`per_param_state` whose tensor is one for the whole bucket: the step count, SCALAR states."""
+    scalars = {key for key, spec in bucket.program.state_specs.items() if spec.kind is StateKind.SCALAR}
+    return frozenset({"step", *scalars})
+
+
+def reset_state(bucket: Bucket) -> None:
+    """Every state of the bucket back to its initial value and its step count to 0, in place."""
+    for key, spec in bucket.program.state_specs.items():
+        value = bucket.state[key]
+        for tensor in value if isinstance(value, list) else [value]:
+            tensor.fill_(spec.init)
+    bucket.step.zero_()
+
+
+__all__ += ["per_param_state", "state_key", "shared_state_keys", "reset_state"]

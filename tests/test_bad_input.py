@@ -151,7 +151,7 @@ def test_orthogonalize_on_a_vector_names_the_parameter():
     output: o
     """
     spec = opdsl.load_spec("o.yaml", text=textwrap.dedent(text))
-    with pytest.raises(BindError, match=r"parameter 0\.bias \(shape \(4,\).*orthogonalize needs a matrix"):
+    with pytest.raises(BindError, match=r"parameter '0\.bias' \(param_groups\[0\]\['params'\]\[1\], shape \(4,\)\).*orthogonalize needs a matrix"):
         opdsl.Optimizer(torch.nn.Sequential(torch.nn.Linear(3, 4)).named_parameters(), spec, compile=False)
 
 

@@ -1,0 +1,167 @@
+"""What torch users do to an optimizer besides step(): state_dict hooks, deepcopy and pickle, tensor learning
+rates changed in place, frozen parameters, resetting state through ``optimizer.state``, parameters that
+overlap in memory. Each is checked against torch.optim doing the same, side by side on one model."""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import opdsl
+from conftest import loss_of, make_model, max_rel_diff
+from opdsl.errors import BindError, StateDictError
+
+TOL = 1e-5  # float32 agreement with torch.optim, as in test_torch_oracles.py
+
+
+def twin(kind: str = "mlp") -> tuple[nn.Module, nn.Module]:
+    model = make_model(kind)
+    return model, copy.deepcopy(model)
+
+
+def lockstep(pairs, steps: int, start: int = 0, kind: str = "mlp") -> None:
+    """Step every (model, optimizer) pair on the same batches."""
+    for step in range(start, start + steps):
+        for model, opt in pairs:
+            opt.zero_grad()
+            loss_of(model, kind, step).backward()
+            opt.step()
+
+
+def test_state_dict_hooks_run_as_in_torch():
+    calls = {}
+    for impl in ("torch", "opdsl"):
+        model = make_model("mlp")
+        opt = torch.optim.AdamW(model.parameters()) if impl == "torch" else opdsl.Optimizer(model.parameters(), compile=False)
+        log = calls[impl] = []
+        opt.register_state_dict_pre_hook(lambda o: log.append("save-pre"))
+        opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1} if log.append("save-post") is None else None)
+        opt.register_load_state_dict_pre_hook(
+            lambda o, sd: {k: v for k, v in sd.items() if k != "extra"} if log.append("load-pre") is None else None
+        )
+        opt.register_load_state_dict_post_hook(lambda o: log.append("load-post"))
+        saved = opt.state_dict()
+        assert saved["extra"] == 1  # a post hook's return value replaces the state_dict
+        opt.load_state_dict(saved)  # the pre hook strips it again before loading
+    assert calls["opdsl"] == calls["torch"] == ["save-pre", "save-post", "load-pre", "load-post"]
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_optimizer_steps_its_copied_model_exactly_as_the_original(how):
+    model = make_model("mlp")
+    opt = opdsl.Optimizer(model.named_parameters(), "adamw", compile=False, lr=3e-3)
+    lockstep([(model, opt)], 3)
+    clone = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+    model2, opt2 = clone
+    assert opt2.param_groups[0]["params"][0] is next(model2.parameters())
+    assert "0.weight" in opt2.describe()  # names survive the copy
+    lockstep([(model, opt), (model2, opt2)], 4, start=3)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    for key in ("step", "m.value", "adam.v"):
+        assert torch.equal(opt.state_dict()["state"][0][key], opt2.state_dict()["state"][0][key]), key
+
+
+def test_tensor_learning_rate_changed_in_place_is_followed():
+    """torch's schedulers fill_ a tensor lr in place; opdsl sees it through the tensor's version counter."""
+    ours, ref = twin()
+    opt = opdsl.Optimizer(ours.parameters(), "adamw", compile=False, lr=torch.tensor(1e-2))
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=torch.tensor(1e-2), foreach=False)
+    scheds = [torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.5) for o in (opt, ref_opt)]
+    for step in range(6):
+        lockstep([(ours, opt), (ref, ref_opt)], 1, start=step)
+        for s in scheds:
+            s.step()
+    assert opt.param_groups[0]["lr"].item() == pytest.approx(1e-2 / 64)
+    assert max_rel_diff(ours, ref) < TOL
+    opt.param_groups[0]["lr"].fill_(0.0)  # by hand, too
+    before = [p.detach().clone() for p in ours.parameters()]
+    lockstep([(ours, opt)], 1, start=6)
+    assert all(torch.equal(a, b) for a, b in zip(before, ours.parameters()))
+
+
+def test_frozen_parameters_are_left_untouched_as_in_torch():
+    ours, ref = twin()
+    for model in (ours, ref):
+        model[0].bias.requires_grad_(False)  # frozen from the start
+    opt = opdsl.Optimizer(ours.parameters(), "adamw", compile=False, lr=1e-2, weight_decay=0.1)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    assert ours[0].bias.grad is None
+    lockstep([(ours, opt), (ref, ref_opt)], 3)
+    for model in (ours, ref):
+        model[3].weight.requires_grad_(False)  # frozen mid-run, after it had gradients
+    frozen_at = ours[3].weight.detach().clone()
+    lockstep([(ours, opt), (ref, ref_opt)], 3, start=3)
+    assert torch.equal(ours[0].bias, ref[0].bias) and ours[0].bias.grad is None
+    assert torch.equal(ours[3].weight, frozen_at)
+    assert max_rel_diff(ours, ref) < TOL
+
+
+def _adam_pair():
+    ours, ref = twin()
+    opt = opdsl.Optimizer(ours.parameters(), "adam", compile=False, lr=1e-2)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, foreach=False)
+    return ours, opt, ref, ref_opt
+
+
+def test_state_clear_restarts_as_in_torch_and_saves_a_loadable_checkpoint():
+    ours, opt, ref, ref_opt = _adam_pair()
+    lockstep([(ours, opt), (ref, ref_opt)], 4)
+    opt.state.clear()
+    ref_opt.state.clear()
+    saved = opt.state_dict()  # taken after the reset: fresh state, step 0
+    assert all(entry["step"].item() == 0 for entry in saved["state"].values())
+    lockstep([(ours, opt), (ref, ref_opt)], 4, start=4)
+    assert max_rel_diff(ours, ref) < TOL
+    assert opt.state[next(ours.parameters())]["step"].item() == 4
+    fresh = make_model("mlp")
+    opdsl.Optimizer(fresh.parameters(), "adam", compile=False).load_state_dict(saved)
+
+
+def test_state_tensor_put_in_place_is_copied_in_as_in_torch():
+    ours, opt, ref, ref_opt = _adam_pair()
+    lockstep([(ours, opt), (ref, ref_opt)], 3)
+    p, q = next(ours.parameters()), next(ref.parameters())
+    opt.state[p]["m.value"] = torch.zeros_like(p)
+    ref_opt.state[q]["exp_avg"] = torch.zeros_like(q)
+    opt.state = dict(opt.state)  # replacing the mapping itself is followed too
+    lockstep([(ours, opt), (ref, ref_opt)], 3, start=3)
+    assert max_rel_diff(ours, ref) < TOL
+    assert opt.state[p]["m.value"].data_ptr() != p.data_ptr() and opt.state[p]["m.value"].abs().sum() > 0
+
+
+def test_state_edits_opdsl_cannot_follow_are_refused_before_the_step():
+    ours, opt, _, _ = _adam_pair()
+    lockstep([(ours, opt)], 2)
+    params = list(ours.parameters())
+    before = [p.detach().clone() for p in params]
+    del opt.state[params[0]]
+    with pytest.raises(StateDictError, match=r"param_groups\[0\]: the state of 1 of its 8 parameters was removed"):
+        lockstep([(ours, opt)], 1, start=2)
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+    opt.state.clear()  # the way out the message names
+    lockstep([(ours, opt)], 1, start=2)
+    del opt.state[params[1]]["adam.v"]
+    with pytest.raises(StateDictError, match=r"state 'adam.v' was removed"):
+        opt.step()
+    opt.state[params[1]]["adam.v"] = torch.zeros_like(params[1])
+    opt.state[params[1]]["exp_avg"] = torch.zeros_like(params[1])
+    with pytest.raises(StateDictError, match=r"keeps no state 'exp_avg' \(its states: step, m.value, adam.v\)"):
+        opt.step()
+
+
+def test_overlapping_parameters_are_refused_naming_both():
+    base = torch.zeros(6)
+    a, b = nn.Parameter(base[:4]), nn.Parameter(base[2:])
+    with pytest.raises(BindError, match=r"'a' \(param_groups\[0\]\['params'\]\[0\], shape \(4,\)\) and 'b' .* overlap"):
+        opdsl.Optimizer([("a", a), ("b", b)], "sgd", compile=False)
+    halves = torch.zeros(6)  # views that share a storage without overlapping are fine (a checkpoint's memory)
+    opdsl.Optimizer([nn.Parameter(halves[:3]), nn.Parameter(halves[3:])], "sgd", compile=False)
+
+
+def test_complex_parameter_is_refused_naming_its_place():
+    with pytest.raises(BindError, match=r"param_groups\[0\]\['params'\]\[1\] \(shape \(3,\)\) has dtype torch.complex64"):
+        opdsl.Optimizer([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3, dtype=torch.complex64))], compile=False)
