@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/gpu.sh prepare    # HERE, with network: wheels the GPU machine lacks, into .whl/
 #   bash benchmarks/gpu.sh core       # THERE (device tool, carry [".whl"]): CUDA tests + adamw from 1M to 1B
-#   bash benchmarks/gpu.sh specs      # THERE, if device time is left: every elementwise/reduction family at 1e8
+#   bash benchmarks/gpu.sh specs      # THERE, if device time is left: whole iterations, then every
+#                                     # elementwise/reduction family at 1e8
 #
 # The GPU image has Python 3.12 and its own torch, networkx, pyyaml and pytest, but no pydantic: `prepare`
 # downloads the versions this checkout is tested with (for CPython 3.12, manylinux x86-64) and builds an
@@ -14,7 +15,7 @@
 # Python runs with -P there: the checkout's opdsl/ must not shadow the installed wheel, whose opdsl.blocks
 # and opdsl.compiled come from blocks/ and compiled/. A dry run on a CPU, in a venv with torch but no
 # pydantic or opdsl: GPU_PYTHON_VERSION=3.11 bash benchmarks/gpu.sh prepare, then
-# BENCH_DEVICE=cpu BENCH_SIZES=1e5 BENCH_BIG_SIZE=2e5 BENCH_GPT2_SCALE=0.05 BENCH_SPEC_SIZE=1e5 OUT=/tmp/gpu-dry bash benchmarks/gpu.sh core
+# BENCH_DEVICE=cpu BENCH_SIZES=1e5 BENCH_BIG_SIZE=2e5 BENCH_GPT2_SCALE=0.05 BENCH_SPEC_SIZE=1e5 ITER_WIDTH=256 OUT=/tmp/gpu-dry bash benchmarks/gpu.sh core
 # (and specs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -71,9 +72,13 @@ core() {
 
 specs() {
     install_wheels
+    # Whole iterations: whether keeping gradients as views (zero, then add in place) beats torch's None
+    # gradients copied in at the step, where no allocator faults in pages (docs/performance.md, known gaps).
+    timeout 60 python3 -P benchmarks/iteration.py --device "$device" --width "${ITER_WIDTH:-4096}" --layers 8 --batch 8 \
+        --rounds 20 2>&1 | tee "$out/iteration-gpu.md"
     # One process for all (a fresh one per spec pays torch.compile's start-up each time); only the rows the
     # GPU targets read: opdsl compiled with and without the check, torch fused, and the same-access stream.
-    timeout 560 python3 -P benchmarks/step.py --device "$device" --one-process --sizes "$spec_size" --gpt2-scale 0 --repeats 10 \
+    timeout 500 python3 -P benchmarks/step.py --device "$device" --one-process --sizes "$spec_size" --gpt2-scale 0 --repeats 10 \
         --specs adam lion signum scgadam rmsprop scsadamw adagrad-norm adamw-sn adagrad-sn coba sgdol \
         --only compiled "torch fused" same-access \
         --out "$out/benchmarks-gpu-specs.md" 2>&1 | tee "$out/benchmarks-gpu-specs.log" | grep -v "^  \["
