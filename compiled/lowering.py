@@ -125,9 +125,12 @@ def reads_source(program: Program, name: str) -> bool:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class BucketArgs:
-    """The static (non-tensor) facts about one bucket that the step function closes over."""
+    """The static (non-tensor) facts about one bucket that the step function closes over.
+
+    Hashable: two plans with equal facts lower to the same step, so a compiled one can be reused.
+    """
 
     program: Program
     segments: tuple[Segment, ...]

@@ -113,6 +113,8 @@ class Optimizer(torch.optim.Optimizer):
         self._names = names
         self._buckets: list[Bucket] = []
         self._step_fn: Callable[..., Any] | None = None
+        self._step_fns: dict[tuple, Callable[..., Any]] = {}  # compiled steps by plan, oldest first
+        self._dormant: dict[int, dict[str, torch.Tensor]] = {}  # state of switched-off nodes, by id(param)
         self._envs: dict[tuple[int, torch.device], dict[str, Any]] = {}
         self._seen: list[dict[str, Any]] = []
         self._skipped: torch.Tensor | None = None
@@ -136,7 +138,7 @@ class Optimizer(torch.optim.Optimizer):
             "on_nonfinite": self.on_nonfinite,
             "explicit_hyper": self._explicit_hyper,
             "names": [(p, self._names[id(p)]) for g in self.param_groups for p in g["params"] if id(p) in self._names],
-            "state": [(p, dict(entry)) for p, entry in self.state.items()],
+            "state": list(self._state_entries().items()),
             "skipped": self._skipped,
         }
 
@@ -148,7 +150,7 @@ class Optimizer(torch.optim.Optimizer):
         super().__setstate__({"defaults": saved["defaults"], "param_groups": saved["param_groups"], "state": {}})
         self._skipped = saved["skipped"]
         self._rebuild()
-        self._import_state({id(p): entry for p, entry in saved["state"]}, strict=False)
+        self._dormant = self._import_state({id(p): entry for p, entry in saved["state"]}, strict=False)
         self._start_clocks()  # the step counters were just loaded
 
     # ---- param groups and routing --------------------------------------------------------------------
@@ -236,7 +238,10 @@ class Optimizer(torch.optim.Optimizer):
         if self._buckets:
             self._adopt_state_edits()
         saved = self._export_state() if self._buckets else {}
-        self._buckets = build_buckets(self.spec, self.param_groups, self._names, self._hyper_names)
+        saved = {pid: {**self._dormant.get(pid, {}), **entry} for pid, entry in saved.items()}
+        self._buckets = build_buckets(
+            self.spec, self.param_groups, self._names, self._hyper_names, [b.flat for b in self._buckets]
+        )
         self._envs = {}
         self._seen = [{} for _ in self.param_groups]
         self._conditions = [
@@ -245,7 +250,7 @@ class Optimizer(torch.optim.Optimizer):
         for bucket in self._buckets:
             self._envs.setdefault((bucket.group_index, bucket.flat.device), {})
         self._sync_hypers(force=True)
-        self._import_state(saved, strict=False)
+        self._dormant = self._import_state(saved, strict=False)
         self._refresh_state_views()
         self._start_clocks()
         self._step_fn = None
@@ -289,6 +294,8 @@ class Optimizer(torch.optim.Optimizer):
         for bucket in self._buckets:
             if bucket.group_index in edits.reset_groups:
                 reset_state(bucket)
+                for p in bucket.flat.params:  # cleared as in torch, switched-off nodes' state included
+                    self._dormant.pop(id(p), None)
         self._import_state(edits.replaced, strict=False)
         self._refresh_state_views()
         self._start_clocks()  # step counters may have been reset or replaced
@@ -315,11 +322,21 @@ class Optimizer(torch.optim.Optimizer):
 
     def _compiled(self) -> Callable[..., Any]:
         if self._step_fn is None:
-            fn = build_step([b.args for b in self._buckets], check_finite=self.on_nonfinite != "propagate")
-            self._step_fn = fuse(fn, self._compile)
+            # A plan seen before (a condition flipped back, a state_dict reloaded) reuses its compiled step:
+            # equal bucket facts lower to the same function, and dynamo's guards check the tensors.
+            key = (tuple(b.args for b in self._buckets), self.on_nonfinite != "propagate")
+            if key not in self._step_fns:
+                if len(self._step_fns) >= _KEPT_STEPS:
+                    del self._step_fns[next(iter(self._step_fns))]
+                fn = build_step(list(key[0]), check_finite=key[1])
+                self._step_fns[key] = fuse(fn, self._compile)
+            self._step_fn = self._step_fns[key]
         return self._step_fn
 
     # ---- the step -----------------------------------------------------------------------------------------
+    # Under a user's torch.compile(train_step) dynamo would trace this host-side bookkeeping and guard on
+    # every hyperparameter's value (one recompile per scheduler step); the step it calls is compiled already.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
@@ -410,7 +427,16 @@ class Optimizer(torch.optim.Optimizer):
                 out[id(p)] = {k: v.detach().clone() for k, v in per_param_state(bucket, i).items()}
         return out
 
-    def _import_state(self, saved: Mapping[int, Mapping[str, torch.Tensor]], strict: bool) -> None:
+    def _import_state(
+        self, saved: Mapping[int, Mapping[str, torch.Tensor]], strict: bool
+    ) -> dict[int, dict[str, torch.Tensor]]:
+        """Copy saved state (by ``id(param)``) into the buckets; return what no bucket takes (dormant state).
+
+        A node switched off by ``if:`` keeps no state in the step, but its state is not lost: torch keeps
+        SGD's ``momentum_buffer`` through steps with momentum 0, and opdsl keeps a switched-off node's state
+        aside (in ``state_dict`` too) until the node is switched on again.
+        """
+        dormant_state: dict[int, dict[str, torch.Tensor]] = {}
         problems = []
         for bucket in self._buckets:
             for i, p in enumerate(bucket.flat.params):
@@ -420,6 +446,10 @@ class Optimizer(torch.optim.Optimizer):
                         problems.append(f"no state for parameter {self._name(p)}")
                     continue
                 target = per_param_state(bucket, i)
+                nodes = self.spec.graphs[bucket.graph].nodes
+                dormant = {k: v for k, v in entry.items() if k not in target and k.split(".", 1)[0] in nodes}
+                if dormant:
+                    dormant_state[id(p)] = dormant
                 for key, dest in target.items():
                     if key not in entry:
                         if strict:
@@ -435,6 +465,11 @@ class Optimizer(torch.optim.Optimizer):
                     dest.copy_(src.to(device=dest.device, dtype=dest.dtype))
         if problems:
             raise StateDictError("cannot load optimizer state:\n  " + "\n  ".join(problems))
+        return dormant_state
+
+    def _state_entries(self) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
+        """Every parameter's state as saved: the step's views, and the state of switched-off nodes."""
+        return {p: {**self._dormant.get(id(p), {}), **entry} for p, entry in self.state.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """torch-shaped (``state`` by parameter index, ``param_groups``) plus the spec and its digest.
@@ -451,7 +486,7 @@ class Optimizer(torch.optim.Optimizer):
             packed = {k: v for k, v in group.items() if k != "params"}
             packed["params"] = [index.setdefault(id(p), len(index)) for p in group["params"]]
             groups.append(packed)
-        state = {index[id(p)]: dict(s) for p, s in self.state.items()}
+        state = {index[id(p)]: entry for p, entry in self._state_entries().items()}
         state_dict = {
             "state": state,
             "param_groups": groups,
@@ -524,7 +559,7 @@ class Optimizer(torch.optim.Optimizer):
         saved_state = {id(by_index[i]): s for i, s in state_dict["state"].items() if i in by_index}
         self._refresh_state_views()  # what is loaded replaces any edit of self.state
         self._rebuild()
-        self._import_state(saved_state, strict=True)
+        self._dormant = self._import_state(saved_state, strict=True)
         self._start_clocks()  # the step counters were just loaded
         skipped = meta.get("skipped_steps")
         if skipped is not None and self._skipped is not None:
@@ -539,6 +574,7 @@ class Optimizer(torch.optim.Optimizer):
 
 
 _UNSET = object()
+_KEPT_STEPS = 8  # compiled steps kept per optimizer (plans a run flips between)
 
 
 class _TensorMark:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -187,9 +187,19 @@ def _overlaps(param_groups: list[dict[str, Any]], names: Mapping[int, str]) -> l
 
 
 def build_buckets(
-    spec: Spec, param_groups: list[dict[str, Any]], names: Mapping[int, str], hyper_names: list[str]
+    spec: Spec,
+    param_groups: list[dict[str, Any]],
+    names: Mapping[int, str],
+    hyper_names: list[str],
+    previous: Sequence[FlatBuffers] = (),
 ) -> list[Bucket]:
-    """Split groups into buckets, check shapes against the blocks, allocate fresh state."""
+    """Split groups into buckets, check shapes against the blocks, allocate fresh state.
+
+    A bucket whose parameters are exactly those of one of the ``previous`` flat buffers keeps that
+    buffer: re-planning (a condition flipped, a group added, a state_dict loaded) then leaves the
+    parameters where they are, and anything holding their memory (``p.detach()``, a CUDA graph) still
+    sees them.
+    """
     shape_problems: list[str] = []
     programs: list[Program] = []
     for gi, group in enumerate(param_groups):
@@ -214,6 +224,7 @@ def build_buckets(
     shape_problems += _overlaps(param_groups, names)
     if shape_problems:
         raise BindError("the spec cannot take these parameters:\n  " + "\n  ".join(shape_problems))
+    reusable = {tuple(map(id, flat.params)): flat for flat in previous if not flat.moved_params()}
     buckets: list[Bucket] = []
     for gi, (group, program) in enumerate(zip(param_groups, programs)):
         # A program with per-tensor or per-subset work (Block.splits_by_shape) gets one bucket per shape: its
@@ -226,8 +237,8 @@ def build_buckets(
         for p in group["params"]:
             by_key.setdefault((p.device, p.dtype, p.shape if per_shape else None), []).append(p)
         for (device, _dtype, _shape), params in by_key.items():
-            flat = FlatBuffers(group_by_shape(params))
-            params = flat.params
+            params = group_by_shape(params)
+            flat = reusable.get(tuple(map(id, params))) or FlatBuffers(params)
             state = {key: _init_state(s, flat) for key, s in program.state_specs.items()}
             # One counter per group and device, shared by its buckets (they always step together): the scalar
             # math over it (bias corrections, schedules) is then the same expression for every bucket and is

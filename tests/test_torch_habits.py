@@ -165,3 +165,69 @@ def test_overlapping_parameters_are_refused_naming_both():
 def test_complex_parameter_is_refused_naming_its_place():
     with pytest.raises(BindError, match=r"param_groups\[0\]\['params'\]\[1\] \(shape \(3,\)\) has dtype torch.complex64"):
         opdsl.Optimizer([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3, dtype=torch.complex64))], compile=False)
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_momentum_switched_off_and_on_keeps_its_buffer_and_compiles_each_plan_once():
+    """torch keeps SGD's momentum_buffer through steps with momentum 0; opdsl keeps the switched-off node's
+    state aside (and in state_dict). Flipping between two plans compiles each once, not once per flip."""
+    ours, ref = twin()
+    opt = opdsl.Optimizer(ours.parameters(), "sgd", lr=0.05, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, foreach=False)
+    for step, momentum in enumerate([0.9, 0.9, 0.0, 0.9, 0.0, 0.0, 0.9, 0.0, 0.9, 0.9]):
+        for o in (opt, ref_opt):
+            o.param_groups[0]["momentum"] = momentum
+        if step == 5:  # a checkpoint taken while the buffer is switched off still holds it
+            saved = opt.state_dict()
+            assert "buf.value" in saved["state"][0]
+            opt.load_state_dict(saved)
+        lockstep([(ours, opt), (ref, ref_opt)], 1, start=step)
+    assert max_rel_diff(ours, ref) < TOL
+    assert _graphs() == 2, "one compiled step per plan (momentum on, momentum off)"
+
+
+def test_replanning_keeps_parameters_in_place_and_reloading_does_not_recompile():
+    model = make_model("mlp")
+    opt = opdsl.Optimizer(model.parameters(), "sgd", lr=0.05, momentum=0.9)
+    lockstep([(model, opt)], 1)
+    graphs, checkpoint = _graphs(), copy.deepcopy(opt.state_dict())
+    weight = model[0].weight
+    alias, address = weight.detach(), weight.data_ptr()
+    for _ in range(3):  # rolling back to a checkpoint, as after a loss spike
+        opt.load_state_dict(checkpoint)
+        lockstep([(model, opt)], 1, start=1)
+    assert _graphs() == graphs
+    opt.param_groups[0]["momentum"] = 0.0  # a condition flipped: another plan
+    extra = nn.Parameter(torch.randn(5))
+    opt.add_param_group({"params": [extra]})
+    lockstep([(model, opt)], 1, start=2)
+    assert weight.data_ptr() == address and torch.equal(alias, weight)  # the alias still sees every update
+
+
+def test_step_inside_a_compiled_training_step_does_not_recompile_on_a_schedule():
+    """Dynamo does not trace the step's host-side bookkeeping (it would guard on each new lr value)."""
+    model = make_model("mlp")
+    opt = opdsl.Optimizer(model.parameters(), "adamw", lr=1e-2)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.1, total_iters=20)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+
+    @torch.compile
+    def train_step():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    losses = []
+    for step in range(8):
+        losses.append(train_step().item())
+        sched.step()
+        if step == 1:
+            graphs = _graphs()
+    assert _graphs() == graphs and losses[-1] < losses[0]
