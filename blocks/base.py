@@ -164,16 +164,23 @@ class Block(BaseModel):
                     yield f"{name}[{i}]", v
 
     def check_values(self, evaluate: Callable[[Scalar], Any]) -> list[str]:
-        """Range-check every scalar field at concrete hyperparameter values; returns the messages."""
+        """Check every scalar field at concrete hyperparameter values (a finite number, in its range).
+
+        Literals were checked when the spec was read; an expression can only be checked here, once the
+        hyperparameters it reads have values: ``1 - $dampening`` with dampening 5, ``1 / $k`` with k 0.
+        """
         problems = []
-        for name, rng in scalar_ranges(type(self)).items():
-            raw = getattr(self, name)
-            if raw is None:
+        ranges, conditions = scalar_ranges(type(self)), set(condition_fields(type(self)))
+        for name, raw in self.scalar_fields():
+            if name in conditions:
                 continue
             value = evaluate(raw)
-            message = rng.violation(float(value))
+            source = f" (= {raw})" if isinstance(raw, Expr) else ""
+            if isinstance(value, bool):
+                problems.append(f"field '{name}'{source} is a condition ({str(value).lower()}); expected a number")
+                continue
+            message = ranges.get(name.split("[")[0], ScalarRange()).violation(float(value))
             if message:
-                source = f" (= {raw})" if isinstance(raw, Expr) else ""
                 problems.append(f"field '{name}'{source} is {float(value):g}; {message}")
         return problems
 

@@ -13,10 +13,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from opdsl.errors import BindError, SpecError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["main"]
 
@@ -38,12 +42,40 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _load_model(target: str):
+class _ModelError(Exception):
+    """A bad ``--model`` value; the message is the one line shown to the user."""
+
+
+def _load_model(target: str) -> torch.nn.Module:
+    """Import ``module:factory`` (the current directory first on sys.path, as ``python -m``) and call it."""
+    import torch
+
+    def fail(why: str) -> _ModelError:
+        why = " ".join(why.split())  # one line, whatever the factory's message
+        return _ModelError(f"--model {target!r}: {why}; expected module:factory (e.g. mypkg.models:build) "
+                           "where factory() returns a torch.nn.Module")
+
     module_name, _, attr = target.partition(":")
-    if not attr:
-        raise SystemExit(f"--model takes module:factory (e.g. mypkg.models:build), got {target!r}")
-    factory = getattr(importlib.import_module(module_name), attr)
-    return factory()
+    if not module_name or not attr:
+        raise fail("not of the form module:factory")
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:
+        raise fail(f"cannot import {module_name!r} ({type(err).__name__}: {err})") from None
+    finally:
+        sys.path.remove(cwd)
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise fail(f"{module_name!r} has no callable {attr!r}" if factory is None else f"{attr!r} is not callable")
+    try:
+        model = factory()
+    except Exception as err:
+        raise fail(f"{attr}() raised {type(err).__name__}: {err}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise fail(f"{attr}() returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -55,6 +87,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
     except SpecError as err:
         print(err, file=sys.stderr)
         return 1
+    try:
+        model = _load_model(args.model) if args.model else None
+    except _ModelError as err:
+        print(f"opdsl show: error: {err}", file=sys.stderr)
+        return 2
     print(f"{spec.name}: {spec.summary}")
     if spec.paper:
         print(f"paper: {spec.paper}")
@@ -68,10 +105,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if args.mermaid:
         for name, graph in spec.graphs.items():
             print(f"\n```mermaid\n{to_mermaid(graph, f'{spec.name} / {name}')}\n```")
-    if args.model:
+    if model is not None:
         from opdsl.optimizer import Optimizer
 
-        model = _load_model(args.model)
         try:
             opt = Optimizer(model.named_parameters(), spec, compile=False)
         except (BindError, ValueError) as err:

@@ -18,7 +18,7 @@ from opdsl.blocks import BLOCKS, block_class
 from opdsl.errors import Location, Problem, SpecError
 from opdsl.expr import Expr
 from opdsl.graph import check_graph
-from opdsl.spec import MAIN_GRAPH, RESERVED_NAMES, GraphSpec, Spec
+from opdsl.spec import MAIN_GRAPH, RESERVED_NAMES, GraphSpec, Spec, lr_problem
 from opdsl.yaml_loader import LocatedDocument, load_yaml_file, load_yaml_text
 
 __all__ = ["load_spec", "shipped_specs", "resolve_spec_path"]
@@ -45,6 +45,9 @@ def resolve_spec_path(name_or_path: str | os.PathLike, relative_to: Path | None 
     shipped = shipped_specs()
     if text in shipped:
         return shipped[text]
+    if any(path.is_dir() for path in candidates):
+        pattern = os.path.join(text, "*.yaml")
+        raise SpecError([Problem(Location(text), f"{text!r} is a directory, not a spec file; give its spec files, e.g. {pattern}")])
     hint = difflib.get_close_matches(text, list(shipped), n=1)
     suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
     raise SpecError(
@@ -68,7 +71,8 @@ def load_spec(source: str | os.PathLike | Spec, *, text: str | None = None) -> S
     return _load(source, text, stack=())
 
 
-def _load(source: str | os.PathLike, text: str | None, stack: tuple[str, ...]) -> Spec:
+def _load(source: str | os.PathLike, text: str | None, stack: tuple[Path, ...]) -> Spec:
+    """``stack``: the resolved paths of the files whose `use:` led here, to refuse a cycle."""
     if text is not None:
         doc = load_yaml_text(text, file=str(source))
         base_dir = None
@@ -76,16 +80,17 @@ def _load(source: str | os.PathLike, text: str | None, stack: tuple[str, ...]) -
         path = resolve_spec_path(source)
         doc = load_yaml_file(path)
         base_dir = path.parent
+        stack += (path.resolve(),)
     return _SpecBuilder(doc, base_dir, stack).build()
 
 
 class _SpecBuilder:
     """Turns one located YAML document into a Spec, collecting problems instead of stopping at the first."""
 
-    def __init__(self, doc: LocatedDocument, base_dir: Path | None, stack: tuple[str, ...]):
+    def __init__(self, doc: LocatedDocument, base_dir: Path | None, stack: tuple[Path, ...]):
         self.doc = doc
         self.base_dir = base_dir
-        self.stack = stack + (doc.file,)
+        self.stack = stack
         self.problems: list[Problem] = []
 
     def problem(self, path: Sequence[str | int], message: str, key: bool = False) -> None:
@@ -175,7 +180,7 @@ class _SpecBuilder:
         family = BLOCKS.get(kind) if isinstance(kind, str) else None
         if family is not None and None not in family:
             rule = node.get("rule")
-            if rule not in family:
+            if not isinstance(rule, str) or rule not in family:
                 rules = ", ".join(str(r) for r in family)
                 hint = difflib.get_close_matches(str(rule), [str(r) for r in family], n=1)
                 suggestion = f"did you mean {hint[0]!r}? " if hint else ""
@@ -204,8 +209,9 @@ class _SpecBuilder:
             where = self.doc.where(("groups", index, "use"))
             try:
                 path = resolve_spec_path(route.use, self.base_dir)
-                if str(path) in self.stack:
-                    raise SpecError([Problem(where, f"`use: {route.use}` forms a cycle: {' -> '.join(self.stack)}")])
+                if path.resolve() in self.stack:
+                    chain = " -> ".join(map(str, self.stack + (path.resolve(),)))
+                    raise SpecError([Problem(where, f"`use: {route.use}` forms a cycle: {chain}")])
                 used = _load(path, None, self.stack)
             except SpecError as err:
                 self.problems.extend(
@@ -224,6 +230,8 @@ class _SpecBuilder:
     def _check(self, spec: Spec) -> None:
         if "lr" not in spec.hyper:
             self.problem(("hyper",), "hyper must define `lr` (the update is param <- param - lr * output)")
+        elif lr_problem(spec.hyper["lr"]):
+            self.problem(("hyper", "lr"), lr_problem(spec.hyper["lr"]))
         for key in spec.hyper:
             if key in RESERVED_NAMES or not key.isidentifier():
                 self.problem(("hyper", key), f"bad hyperparameter name {key!r}", key=True)
@@ -233,6 +241,8 @@ class _SpecBuilder:
             for key in route.hyper:
                 if key not in spec.hyper:
                     self._unknown_ref(("groups", index, "hyper", key), key, list(spec.hyper), "hyperparameter", key=True)
+            if "lr" in route.hyper and lr_problem(route.hyper["lr"]):
+                self.problem(("groups", index, "hyper", "lr"), lr_problem(route.hyper["lr"]))
         for gname, graph in spec.graphs.items():
             path = () if gname == MAIN_GRAPH else ("graphs", gname)
             used = gname not in (MAIN_GRAPH,) and any(r.use == gname for r in spec.groups)
@@ -241,33 +251,58 @@ class _SpecBuilder:
             )
             for message, sub in check_graph(graph):
                 self.problems.append(Problem(locate(sub), message if not used else f"in `use: {gname}`: {message}"))
-            if used:
+            if used:  # checked in its own file at its own defaults; here at this spec's values
+                for index, route in enumerate(spec.groups):
+                    if route.use == gname:
+                        env = {**spec.hyper, **route.hyper}
+                        for nname, block in graph.nodes.items():
+                            self._check_at(env, f"`use: {gname}` with this spec's hyperparameters", ("groups", index, "use"), nname, block)
                 continue
+            overrides = [
+                (f"the hyper of groups[{i}]", {**spec.hyper, **route.hyper})
+                for i, route in enumerate(spec.groups)
+                if route.hyper and route.target == gname and all(k in spec.hyper for k in route.hyper)
+            ]
             for nname, block in graph.nodes.items():
-                self._check_hyper_refs(spec, path + ("nodes", nname), nname, block)
+                if self._check_hyper_refs(spec, path + ("nodes", nname), nname, block):
+                    for context, env in [("the spec's default hyperparameters", spec.hyper), *overrides]:
+                        self._check_at(env, context, path + ("nodes", nname), nname, block)
 
-    def _check_hyper_refs(self, spec: Spec, path: tuple, nname: str, block) -> None:
-        env = {**spec.hyper, "step": 1.0}
-        fields = list(block.scalar_fields())
-        if isinstance(block.when, Expr):
-            fields.append(("if", block.when))
-        bad = False
+    def _check_hyper_refs(self, spec: Spec, path: tuple, nname: str, block) -> bool:
+        """Problems for unknown ``$hyper`` references and for conditions that read ``step``; True if none."""
+        fields = list(block.scalar_fields()) + [(name, value) for name, value in block.conditions()]
+        ok = True
         for field, value in fields:
             if not isinstance(value, Expr):
                 continue
+            where = path + (("if" if field == "when" else field.split("[")[0]),)
+            if field in dict(block.conditions()) and value.uses_step:
+                self.problem(where, f"node {nname!r}: `{'if' if field == 'when' else field}: {value}` reads `step`, "
+                             "but conditions are decided once, when the spec is bound to parameters; use `step` in "
+                             "a number field instead (e.g. a factor `\"min(1, step / 100)\"`)")
+                ok = False
             for ref in sorted(value.hypers):
                 if ref not in spec.hyper:
-                    self._unknown_ref(path + (field.split("[")[0],), f"${ref}", [f"${h}" for h in spec.hyper], "hyperparameter")
-                    bad = True
-        if bad:
-            return
-        try:
-            messages = block.check_values(lambda v: v.evaluate(env) if isinstance(v, Expr) else v)
-        except (ValueError, TypeError, ArithmeticError) as err:
-            messages = [f"cannot evaluate at the default hyperparameters: {err}"]
-        for message in messages:
-            field = message.split("'")[1] if message.startswith("field '") else None
-            self.problem(path + ((field,) if field else ()), f"node {nname!r}: {message} (at the spec's default hyperparameters)")
+                    self._unknown_ref(where, f"${ref}", [f"${h}" for h in spec.hyper], "hyperparameter")
+                    ok = False
+        return ok
+
+    def _check_at(self, hyper: dict, context: str, path: tuple, nname: str, block) -> None:
+        """Every field and condition of a node evaluated at one set of hyperparameter values."""
+        env = {**hyper, "step": 1.0}
+        evaluate = lambda v: v.evaluate(env) if isinstance(v, Expr) else v  # noqa: E731
+        messages = []
+        for field, value in [*block.conditions(), *block.scalar_fields()]:
+            try:
+                evaluate(value)
+            except (ValueError, TypeError, ArithmeticError) as err:
+                name = "if" if field == "when" else field
+                text = str(err) if str(err).startswith("cannot evaluate") else f"cannot evaluate {name!r}: {err}"
+                messages.append((name, text))
+        if not messages:
+            messages = [(m.split("'")[1] if m.startswith("field '") else None, m) for m in block.check_values(evaluate)]
+        for field, message in messages:
+            self.problem(path + ((field.split("[")[0],) if field else ()), f"node {nname!r}: {message} (at {context})")
 
     # ---- message helpers ------------------------------------------------------------------------------
     def _unknown_key(self, path: tuple, key: str, valid: Iterable[str], what: str) -> None:

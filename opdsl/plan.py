@@ -17,7 +17,7 @@ from opdsl.compiled.layout import FlatBuffers, group_by_shape, run_of, value_sha
 from opdsl.compiled.lowering import BucketArgs, Program, build_program, state_key
 from opdsl.errors import BindError
 from opdsl.expr import Expr
-from opdsl.spec import Spec
+from opdsl.spec import Spec, hyper_value, lr_problem
 
 __all__ = ["Bucket", "build_buckets", "scalar_dtype", "scalar_slot", "conditions_of", "check_group_values", "float_env"]
 
@@ -39,12 +39,18 @@ def scalar_slot(value: float, device: torch.device, dtype: torch.dtype) -> torch
 
 
 def float_env(group: Mapping[str, Any], hyper_names: list[str]) -> dict[str, Any]:
+    """A group's hyperparameters as plain values (tensors read once), each checked as a spec's would be."""
     env = {}
     for name in hyper_names:
         value = group[name]
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
-        env[name] = tuple(float(v) for v in value) if isinstance(value, (tuple, list)) else value
+        elif isinstance(value, (tuple, list)):
+            value = [v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for v in value]
+        try:
+            env[name] = hyper_value(value)
+        except ValueError as err:
+            raise ValueError(f"hyperparameter {name!r}: {err}") from None
     env["step"] = 1.0
     return env
 
@@ -123,7 +129,7 @@ def conditions_of(spec: Spec, graph: str, env: Mapping[str, Any]) -> tuple[bool,
 
 def check_group_values(spec: Spec, graph: str, env: Mapping[str, Any], where: str) -> None:
     """Range-check every block field at a group's hyperparameter values."""
-    problems = []
+    problems = [lr_problem(env["lr"])] if "lr" in env and lr_problem(env["lr"]) else []
     for name, block in spec.graphs[graph].nodes.items():
         evaluate = lambda v: v.evaluate(env) if isinstance(v, Expr) else v  # noqa: E731
         try:

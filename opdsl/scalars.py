@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BeforeValidator, PlainSerializer, WithJsonSchema
 
@@ -29,7 +29,10 @@ def parse_scalar(value: Any) -> float | Expr:
     if isinstance(value, bool):
         raise ValueError(f"expected a number or an expression, got the boolean {value!r}")
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ValueError(f"the number {str(value)[:12]}... ({len(str(value))} digits) is too large") from None
     if isinstance(value, Expr):
         return value
     if isinstance(value, str):
@@ -71,8 +74,8 @@ class ScalarRange:
     lt: float | None = None
 
     def violation(self, value: float) -> str:
-        if math.isnan(value):
-            return f"must be a number {self.describe()}"
+        if not math.isfinite(value):
+            return "must be a finite number" + ("" if self == ScalarRange() else f" with {self.describe()}")
         if (self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt):
             return f"must be {self.describe()}"
         if (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt):
@@ -130,10 +133,12 @@ def condition_fields(model: type) -> list[str]:
 
 
 def scalar_ranges(model: type) -> dict[str, ScalarRange]:
-    """Field name -> bounds, for every bounded scalar field of a pydantic model class."""
+    """Field name -> bounds, for every scalar field of a pydantic model class (optional ones included)."""
     out = {}
     for name, info in model.model_fields.items():
-        for meta in info.metadata:
-            if isinstance(meta, ScalarRange) and meta != ScalarRange():
+        # ``scalar(...)`` keeps its range in the field's metadata; ``scalar(...) | None`` inside the union
+        annotated = [a for a in get_args(info.annotation) if get_origin(a) is Annotated]
+        for meta in [*info.metadata, *(m for a in annotated for m in a.__metadata__)]:
+            if isinstance(meta, ScalarRange):
                 out[name] = meta
     return out

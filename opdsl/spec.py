@@ -9,21 +9,63 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-from typing import Any, Union
+import math
+from typing import Annotated, Any, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, StrictInt, field_validator, model_validator,
+)
 
 from opdsl.blocks.base import Block
 
-__all__ = ["HyperValue", "Match", "Route", "GraphSpec", "Spec", "SPEC_VERSION", "MAIN_GRAPH"]
+__all__ = ["HyperValue", "Match", "Route", "GraphSpec", "Spec", "SPEC_VERSION", "MAIN_GRAPH", "hyper_value", "lr_problem"]
 
 SPEC_VERSION = 1
 MAIN_GRAPH = "main"
 #: Names the engine provides to expressions itself.
 RESERVED_NAMES = frozenset({"step", "grad", "grad2", "param", "params", "true", "false"})
 
-HyperValue = Union[bool, float, tuple[float, ...]]
+def hyper_value(value: Any) -> Any:
+    """A hyperparameter's value: true/false, a finite number, or a list of finite numbers.
+
+    Strict on purpose: pydantic alone would read the strings 'yes', 'on' and '1' as true and 'inf' as a
+    number, and ``lr: yes`` would train at lr 1.
+    """
+    def number(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"expected a number, got {v!r} ({type(v).__name__})")
+        try:
+            v = float(v)
+        except OverflowError:
+            raise ValueError(f"the number {str(v)[:12]}... is too large") from None
+        if not math.isfinite(v):
+            raise ValueError(f"expected a finite number, got {v}")
+        return v
+
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("expected a list of numbers, got an empty list")
+        return tuple(number(v) for v in value)
+    if isinstance(value, (int, float)):
+        return number(value)
+    raise ValueError(f"expected true, false, a number or a list of numbers, got {value!r} ({type(value).__name__})")
+
+
+HyperValue = Annotated[Union[bool, float, tuple[float, ...]], BeforeValidator(hyper_value)]
+
+
+def lr_problem(value: Any) -> str:
+    """What is wrong with a learning rate (the engine's own hyperparameter), or ''."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"lr must be a number, got {value!r}"
+    if not (math.isfinite(value) and value >= 0):
+        return f"lr must be a finite number >= 0, got {value}"
+    return ""
 
 
 class _Model(BaseModel):
@@ -100,7 +142,7 @@ class GraphSpec(_Model):
 class Spec(_Model):
     """A validated spec. Build it with :func:`opdsl.load_spec`, which also checks the graph."""
 
-    opdsl: int = Field(description="format version; must be 1")
+    opdsl: StrictInt = Field(description="format version; must be 1")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     summary: str = ""
     paper: Union[str, None] = None

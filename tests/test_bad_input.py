@@ -174,3 +174,81 @@ def test_runtime_hyper_out_of_range_is_refused_before_the_step():
 def test_missing_file_and_unknown_shipped_name():
     with pytest.raises(SpecError, match="no spec file or shipped spec named 'adamv'; did you mean 'adam"):
         opdsl.load_spec("adamv")
+
+
+def test_directory_is_named_as_a_directory(tmp_path):
+    with pytest.raises(SpecError) as info:
+        opdsl.load_spec(f"{tmp_path}/")
+    message = str(info.value)
+    assert "is a directory" in message and f"{tmp_path}/*.yaml" in message and "shipped:" not in message
+
+
+def test_rule_given_as_a_list():
+    found = problems(GOOD.replace("block: ema, input: grad, beta: $beta", "block: preconditioned-norm, rule: [adam], input: grad, stats: grad"))
+    assert any(p.startswith("spec.yaml:7:") and "unknown rule ['adam']" in p and "valid rules: adagrad, adam, rmsprop" in p for p in found)
+
+
+def test_use_cycle_through_unnormalised_paths(tmp_path):
+    (tmp_path / "d").mkdir()
+    uses = {"b": "../d/c.yaml", "c": "b.yaml"}  # b -> c -> b, each path spelled differently from the other's
+    for name, use in uses.items():
+        (tmp_path / "d" / f"{name}.yaml").write_text(GOOD + f"groups:\n  - match: {{ndim: 1}}\n    use: {use}\n")
+    with pytest.raises(SpecError) as info:
+        opdsl.load_spec(tmp_path / "d" / "b.yaml")
+    b, c = (str((tmp_path / "d" / f"{name}.yaml").resolve()) for name in uses)
+    assert [p.message for p in info.value.problems] == [f"`use: b.yaml` forms a cycle: {b} -> {c} -> {b}"]
+
+
+# Values that would have been accepted and then trained wrongly (inf in a parameter, lr 1, a node never on).
+SILENTLY_WRONG = [
+    ("negative lr", ("lr: 0.1", "lr: -0.1"), "4:", "lr must be a finite number >= 0, got -0.1"),
+    ("infinite lr", ("lr: 0.1", "lr: .inf"), "4:", "expected a finite number, got inf"),
+    ("lr: yes (YAML 1.1)", ("lr: 0.1", "lr: yes"), "4:", "got 'yes' (str)"),
+    ("lr as a list", ("lr: 0.1", "lr: [0.1, 0.2]"), "4:", "lr must be a number, got (0.1, 0.2)"),
+    ("a boolean among numbers", ("beta: 0.9", "beta: [true, 0.5]"), "5:", "expected a number, got True (bool)"),
+    ("if: reading step", ("beta: $beta}", "beta: $beta, if: 'step > 2'}"), "7:", "reads `step`, but conditions are decided once"),
+    ("optional field out of range through an expression", ("beta: $beta}", "beta: $beta, weight: '1 - $beta * 10'}"),
+     "7:", "field 'weight' (= 1 - $beta * 10) is -8; must be 0 <= value"),
+    ("a field that evaluates to inf", ("beta: $beta}", "beta: $beta, weight: '1 / (1 - $beta * 10 / 9)'}"),
+     "7:", "cannot evaluate '1 / (1 - $beta * 10 / 9)': float division by zero"),
+    ("a comparison where a number goes", ("beta: $beta}", "beta: $beta, weight: '$beta > 0.5'}"),
+     "7:", "field 'weight' (= $beta > 0.5) is a condition (true); expected a number"),
+    ("a 400-digit number", ("beta: $beta}", "beta: " + "9" * 400 + "}"), "7:", "(400 digits) is too large"),
+    ("a condition indexing past a list", ("beta: $beta}", "beta: $beta, if: '$beta[3] > 0'}"), "7:", "indexes $beta"),
+]
+
+
+@pytest.mark.parametrize("case", SILENTLY_WRONG, ids=[c[0] for c in SILENTLY_WRONG])
+def test_values_that_would_train_wrongly_are_refused_where_written(case):
+    _, (old, new), line, message = case
+    assert old in GOOD
+    found = problems(GOOD.replace(old, new, 1))
+    assert any(p.startswith(f"spec.yaml:{line}") and message in p for p in found), found
+
+
+def test_group_overrides_and_used_graphs_are_checked_at_their_own_values():
+    found = problems(GOOD + "groups:\n  - match: {ndim: 1}\n    hyper: {beta: 1.5}\n")
+    assert any("spec.yaml:7:" in p and "is 1.5; must be 0 <= value <= 1 (at the hyper of groups[0])" in p for p in found)
+    found = problems(GOOD + "groups:\n  - match: {ndim: 1}\n    use: adamw\n  - match: {ndim: 2}\n    hyper: {lr: -1}\n")
+    assert any("spec.yaml:13:" in p and "lr must be a finite number >= 0" in p for p in found), found
+    text = GOOD.replace("beta: 0.9", "beta: 0.9\n  betas: 0.5") + "groups:\n  - match: {ndim: 1}\n    use: adamw\n"
+    assert any("spec.yaml:12:" in p and "'$betas[0]' indexes $betas, which is a float" in p for p in problems(text))
+
+
+def test_bad_lr_given_to_the_optimizer_or_set_later_is_refused_before_the_step():
+    model = torch.nn.Linear(3, 2)
+    for bad in (-1.0, float("nan"), [0.1], "abc"):
+        with pytest.raises(ValueError, match="lr"):
+            opdsl.Optimizer(model.parameters(), "sgd", compile=False, lr=bad)
+    with pytest.raises(ValueError, match=r"'momentum'.*could not|field 'weight' \(= 1 - \$dampening\) is -4"):
+        opdsl.Optimizer(model.parameters(), "sgd", compile=False, momentum=0.9, dampening=5.0)
+    opt = opdsl.Optimizer(model.parameters(), "sgd", compile=False, lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["lr"] = float("inf")
+    with pytest.raises(ValueError, match=r"hyperparameter 'lr': expected a finite number, got inf"):
+        opt.step()
+    opt.param_groups[0]["lr"] = "abc"
+    with pytest.raises(ValueError, match=r"hyperparameter 'lr': expected true, false, a number"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

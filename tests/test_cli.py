@@ -93,3 +93,46 @@ def test_bench_passes_every_argument_to_the_benchmark(monkeypatch):
     assert main(["bench", "--help"]) == 0
     assert main(["bench", "adamw", "--sizes", "1e6"]) == 0
     assert seen == [["--sizes", "1e6", "--only", "compiled"], ["--help"], ["adamw", "--sizes", "1e6"]]
+
+
+MODELS = """\
+import torch
+
+
+def build():
+    return torch.nn.Linear(2, 2)
+
+
+def boom():
+    raise RuntimeError("factory failed")
+"""
+
+
+@pytest.mark.parametrize(
+    "model, why",
+    [
+        ("opdsl_no_such_module:build", "cannot import 'opdsl_no_such_module' (ModuleNotFoundError"),
+        ("torch.nn:NoSuch", "'torch.nn' has no callable 'NoSuch'"),
+        ("math:pi", "'pi' is not callable"),
+        ("builtins:dict", "dict() returned a dict, not a torch.nn.Module"),
+        ("opdsl_cli_models:boom", "boom() raised RuntimeError: factory failed"),
+        ("nocolon", "not of the form module:factory"),
+    ],
+)
+def test_show_bad_model_is_one_line_before_any_output(tmp_path, monkeypatch, capsys, model, why):
+    (tmp_path / "opdsl_cli_models.py").write_text(MODELS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "opdsl_cli_models", raising=False)
+    assert main(["show", "adamw", "--model", model]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"opdsl show: error: --model {model!r}: {why}") and "returns a torch.nn.Module" in err
+
+
+def test_show_model_from_the_current_directory(tmp_path, monkeypatch, capsys):
+    """`opdsl show --model mod:factory` imports from the current directory, as `python -m` would."""
+    (tmp_path / "opdsl_cli_models.py").write_text(MODELS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "opdsl_cli_models", raising=False)
+    assert main(["show", "adamw", "--no-mermaid", "--model", "opdsl_cli_models:build"]) == 0
+    assert "bytes per parameter" in capsys.readouterr().out and str(tmp_path) not in sys.path
