@@ -121,6 +121,7 @@ class Optimizer(torch.optim.Optimizer):
         self._step_fn: Callable[..., Any] | None = None
         self._step_fns: dict[tuple, Callable[..., Any]] = {}  # compiled steps by plan, oldest first
         self._dormant: dict[int, dict[str, torch.Tensor]] = {}  # state of switched-off nodes, by id(param)
+        self._first_grads: list[torch.Tensor] = []  # grad2 specs: the buffer holding the first gradient
         self._envs: dict[tuple[int, torch.device], dict[str, Any]] = {}
         self._seen: list[dict[str, Any]] = []
         self._skipped: torch.Tensor | None = None
@@ -245,9 +246,8 @@ class Optimizer(torch.optim.Optimizer):
             self._adopt_state_edits()
         saved = self._export_state() if self._buckets else {}
         saved = {pid: {**self._dormant.get(pid, {}), **entry} for pid, entry in saved.items()}
-        self._buckets = build_buckets(
-            self.spec, self.param_groups, self._names, self._hyper_names, [b.flat for b in self._buckets]
-        )
+        old_flats = [b.flat for b in self._buckets]
+        self._buckets = build_buckets(self.spec, self.param_groups, self._names, self._hyper_names, old_flats)
         self._envs = {}
         self._seen = [{} for _ in self.param_groups]
         self._conditions = [
@@ -261,7 +261,12 @@ class Optimizer(torch.optim.Optimizer):
         self._start_clocks()
         self._step_fn = None
         self._needs_grad2 = any(reads_source(b.program, "grad2") for b in self._buckets)
-        self._first_grads = [torch.empty_like(b.flat.grad) for b in self._buckets] if self._needs_grad2 else []
+        # a kept flat buffer keeps its spare too: it swaps between two buffers, whose views it caches by address
+        spares = {id(flat): spare for flat, spare in zip(old_flats, self._first_grads)}
+        self._first_grads = (
+            [spares[id(b.flat)] if id(b.flat) in spares else torch.empty_like(b.flat.grad) for b in self._buckets]
+            if self._needs_grad2 else []
+        )
         device = self._buckets[0].flat.device
         if self._skipped is None:
             self._skipped = torch.zeros((), dtype=torch.int64, device=device)

@@ -231,3 +231,24 @@ def test_step_inside_a_compiled_training_step_does_not_recompile_on_a_schedule()
         if step == 1:
             graphs = _graphs()
     assert _graphs() == graphs and losses[-1] < losses[0]
+
+
+def test_reloading_a_two_gradient_spec_keeps_two_gradient_buffers():
+    """SGDOL swaps between two gradient buffers; a re-plan that keeps the flat buffer keeps its spare too
+    (a fresh spare per reload left one gradient-sized buffer behind in the view cache each time)."""
+    model = make_model("mlp")
+    opt = opdsl.Optimizer(model.parameters(), "sgdol", compile=False)
+
+    def closure(step=[0]):
+        step[0] += 1
+        opt.zero_grad()
+        loss = loss_of(model, "mlp", step[0])
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    checkpoint = copy.deepcopy(opt.state_dict())
+    for _ in range(4):
+        opt.load_state_dict(checkpoint)
+        opt.step(closure)
+    assert [len(b.flat._views_by_buffer) for b in opt._buckets] == [2] * len(opt._buckets)
