@@ -179,6 +179,10 @@ class Block(BaseModel):
             if isinstance(value, bool):
                 problems.append(f"field '{name}'{source} is a condition ({str(value).lower()}); expected a number")
                 continue
+            if isinstance(value, (tuple, list)):
+                problems.append(f"field '{name}'{source} is the list {list(value)}; expected one number (index it: "
+                                f"{raw}[0])")
+                continue
             message = ranges.get(name.split("[")[0], ScalarRange()).violation(float(value))
             if message:
                 problems.append(f"field '{name}'{source} is {float(value):g}; {message}")

@@ -114,6 +114,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
         print("\n" + opt.describe())
+        taken = {spec.route_for(name, p.shape)[0] for name, p in model.named_parameters()}
+        for index, route in enumerate(spec.groups):
+            if index not in taken:
+                print(f"note: groups[{index}] ({route.match.describe()}) takes no parameter of this model: nothing "
+                      "matches it, or an earlier rule takes what does", file=sys.stderr)
     return 0
 
 

@@ -10,15 +10,15 @@ import difflib
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 from pydantic import ValidationError
 
-from opdsl.blocks import BLOCKS, block_class
+from opdsl.blocks import BLOCKS, Block, block_class
 from opdsl.errors import Location, Problem, SpecError
 from opdsl.expr import Expr
-from opdsl.graph import check_graph
-from opdsl.spec import MAIN_GRAPH, RESERVED_NAMES, GraphSpec, Spec, lr_problem
+from opdsl.graph import SOURCES, check_graph, parse_ref
+from opdsl.spec import MAIN_GRAPH, RESERVED_NAMES, SPEC_VERSION, GraphSpec, Spec, lr_problem
 from opdsl.yaml_loader import LocatedDocument, load_yaml_file, load_yaml_text
 
 __all__ = ["load_spec", "shipped_specs", "resolve_spec_path"]
@@ -92,6 +92,12 @@ class _SpecBuilder:
         self.base_dir = base_dir
         self.stack = stack
         self.problems: list[Problem] = []
+        # What failed validation (and was reported), so the cross-checks can run over the rest without
+        # reporting it again: hyperparameters with bad values (None: the whole `hyper`), graphs that could
+        # not be built at all, graphs whose `output` is missing.
+        self.failed_hyper: set[str] | None = set()
+        self.failed_graphs: set[str] = set()
+        self.no_output: set[str] = set()
 
     def problem(self, path: Sequence[str | int], message: str, key: bool = False) -> None:
         where = self.doc.key_where(path) if key else self.doc.where(path)
@@ -109,6 +115,7 @@ class _SpecBuilder:
             spec = Spec.model_validate({**top, "graphs": graphs or {}, "source": self.doc.file})
         except ValidationError as err:
             self._pydantic_problems(err, (), Spec)
+            spec = self._salvage(top, graphs or {}, err)
         if spec is not None and graphs is not None:
             spec = self._resolve_uses(spec)
             self._check(spec)
@@ -116,6 +123,36 @@ class _SpecBuilder:
             raise SpecError(self.problems)
         assert spec is not None
         return spec
+
+    def _salvage(self, top: dict[str, Any], graphs: dict[str, GraphSpec], err: ValidationError) -> Spec | None:
+        """A Spec with every top-level field that failed (already reported) made neutral, so that the graph
+        and hyperparameter cross-checks still run: a bad name or version is replaced, a bad hyperparameter
+        is dropped (and remembered, see ``failed_hyper``), a bad route becomes an empty one (its index kept)."""
+        top = dict(top)
+        for item in err.errors():
+            key, rest = (item["loc"] or (None,))[0], item["loc"][1:]
+            if key == "opdsl":
+                top[key] = SPEC_VERSION
+            elif key == "name":
+                top[key] = "unnamed"
+            elif key == "hyper" and rest and isinstance(top.get("hyper"), dict) and self.failed_hyper is not None:
+                top["hyper"] = {k: v for k, v in top["hyper"].items() if k != rest[0]}
+                self.failed_hyper.add(str(rest[0]))
+            elif key == "hyper":
+                top.pop(key, None)
+                self.failed_hyper = None
+            elif key == "groups" and rest and isinstance(rest[0], int) and isinstance(top.get("groups"), list):
+                top["groups"] = [{} if i == rest[0] else r for i, r in enumerate(top["groups"])]
+            else:  # summary, paper, notes, an unknown key, `groups` that is not a list
+                top.pop(key, None)
+        try:
+            return Spec.model_validate({**top, "graphs": graphs, "source": self.doc.file})
+        except ValidationError:
+            return None
+
+    def _hyper_failed(self, name: str) -> bool:
+        """Whether hyperparameter ``name`` was given but failed validation (so it is reported already)."""
+        return self.failed_hyper is None or name in self.failed_hyper
 
     # ---- graphs and their nodes ---------------------------------------------------------------------
     def _graphs(self, data: dict[str, Any]) -> dict[str, GraphSpec] | None:
@@ -130,15 +167,16 @@ class _SpecBuilder:
         if MAIN_GRAPH in extra:
             self.problem(("graphs", MAIN_GRAPH), f"graph name {MAIN_GRAPH!r} is reserved for the top-level nodes", key=True)
         out: dict[str, GraphSpec] = {}
-        ok = True
         main = [(MAIN_GRAPH, (), {k: data[k] for k in _GRAPH_KEYS if k in data})] if has_main else []
         for name, path, body in main + [(g, ("graphs", g), b) for g, b in extra.items()]:
             graph = self._graph(path, body)
             if graph is None:
-                ok = False
+                self.failed_graphs.add(name)
             else:
                 out[name] = graph
-        return out if ok else None
+                if not isinstance(body.get("output"), str):
+                    self.no_output.add(name)
+        return out
 
     def _graph(self, path: tuple, body: Any) -> GraphSpec | None:
         if not isinstance(body, dict):
@@ -148,22 +186,19 @@ class _SpecBuilder:
             if key not in _GRAPH_KEYS and path:
                 self._unknown_key(path + (key,), key, _GRAPH_KEYS, "graph")
         nodes_raw, output = body.get("nodes"), body.get("output")
-        ok = True
         if not isinstance(nodes_raw, dict) or not nodes_raw:
             self.problem(path + ("nodes",), "`nodes` must be a non-empty mapping of node name -> block")
             return None
         if not isinstance(output, str):
             self.problem(path + ("output",) if "output" in body else path, "missing `output:` (the node whose value updates the parameters)")
-            ok = False
+            output = ""  # the graph is still checked; _check drops what check_graph says about this output
         nodes = {}
         for name, node in nodes_raw.items():
             block = self._node(path + ("nodes", name), name, node)
-            if block is None:
-                ok = False
-            else:
+            if block is None and name not in RESERVED_NAMES:
+                block = _Failed.stand_in(node, set(nodes_raw) | set(SOURCES))
+            if block is not None:
                 nodes[name] = block
-        if not ok:
-            return None
         return GraphSpec(nodes=nodes, output=output)
 
     def _node(self, path: tuple, name: str, node: Any):
@@ -211,11 +246,13 @@ class _SpecBuilder:
                 path = resolve_spec_path(route.use, self.base_dir)
                 if path.resolve() in self.stack:
                     chain = " -> ".join(map(str, self.stack + (path.resolve(),)))
-                    raise SpecError([Problem(where, f"`use: {route.use}` forms a cycle: {chain}")])
+                    self.problems.append(Problem(where, f"`use: {route.use}` forms a cycle: {chain}"))
+                    continue
                 used = _load(path, None, self.stack)
             except SpecError as err:
+                # located at this file's `use:` entry, then (for a problem inside the used file) at its own place
                 self.problems.extend(
-                    p if p.location.line else Problem(where, p.message) for p in err.problems
+                    Problem(where, f"in `use: {route.use}`: {p}" if p.location.line else p.message) for p in err.problems
                 )
                 continue
             if len(used.graphs) > 1 or used.groups:
@@ -229,17 +266,18 @@ class _SpecBuilder:
     # ---- cross-checks: graph structure, hyper references, ranges at the defaults --------------------
     def _check(self, spec: Spec) -> None:
         if "lr" not in spec.hyper:
-            self.problem(("hyper",), "hyper must define `lr` (the update is param <- param - lr * output)")
+            if not self._hyper_failed("lr"):
+                self.problem(("hyper",), "hyper must define `lr` (the update is param <- param - lr * output)")
         elif lr_problem(spec.hyper["lr"]):
             self.problem(("hyper", "lr"), lr_problem(spec.hyper["lr"]))
         for key in spec.hyper:
             if key in RESERVED_NAMES or not key.isidentifier():
                 self.problem(("hyper", key), f"bad hyperparameter name {key!r}", key=True)
         for index, route in enumerate(spec.groups):
-            if route.graph is not None and route.graph not in spec.graphs:
+            if route.graph is not None and route.graph not in spec.graphs and route.graph not in self.failed_graphs:
                 self._unknown_ref(("groups", index, "graph"), route.graph, list(spec.graphs), "graph")
             for key in route.hyper:
-                if key not in spec.hyper:
+                if key not in spec.hyper and not self._hyper_failed(key):
                     self._unknown_ref(("groups", index, "hyper", key), key, list(spec.hyper), "hyperparameter", key=True)
             if "lr" in route.hyper and lr_problem(route.hyper["lr"]):
                 self.problem(("groups", index, "hyper", "lr"), lr_problem(route.hyper["lr"]))
@@ -250,6 +288,8 @@ class _SpecBuilder:
                 lambda p, _g=gname: self.doc.where(("groups",))
             )
             for message, sub in check_graph(graph):
+                if sub == ("output",) and gname in self.no_output:
+                    continue  # reported as missing
                 self.problems.append(Problem(locate(sub), message if not used else f"in `use: {gname}`: {message}"))
             if used:  # checked in its own file at its own defaults; here at this spec's values
                 for index, route in enumerate(spec.groups):
@@ -282,7 +322,9 @@ class _SpecBuilder:
                              "a number field instead (e.g. a factor `\"min(1, step / 100)\"`)")
                 ok = False
             for ref in sorted(value.hypers):
-                if ref not in spec.hyper:
+                if self._hyper_failed(ref):
+                    ok = False  # reported where it is defined; no value to check this node at
+                elif ref not in spec.hyper:
                     self._unknown_ref(where, f"${ref}", [f"${h}" for h in spec.hyper], "hyperparameter")
                     ok = False
         return ok
@@ -347,6 +389,27 @@ class _SpecBuilder:
                 path.append(part)  # a missing or extra key: point at its parent mapping
                 node = None
         return tuple(path)
+
+
+class _Failed(Block):
+    """Stands in for a node that failed validation (already reported) so that the graph checks still run over
+    the others: the node's name stays known, it keeps the references it makes to known names (so what it reads
+    is not dead, and a cycle through it is found), and it has no fields to check."""
+
+    PRIMARY_STATE: ClassVar[str | None] = "state"  # `name@prev` of a failed node is not a second problem
+    refs: dict[str, str] = {}
+
+    @classmethod
+    def stand_in(cls, node: Any, known: set[str]) -> "_Failed":
+        refs = {}
+        for key, value in node.items() if isinstance(node, dict) else ():
+            for i, ref in enumerate(value if isinstance(value, list) else [value]):
+                if key not in ("block", "rule", "if") and isinstance(ref, str) and parse_ref(ref).node in known:
+                    refs[f"{key}[{i}]"] = ref
+        return cls(block=str(node.get("block")) if isinstance(node, dict) else "?", refs=refs)
+
+    def inputs(self) -> dict[str, str]:
+        return dict(self.refs)
 
 
 def _is_union_label(part: str) -> bool:

@@ -16,12 +16,7 @@ from opdsl.expr import Expr, ExprSyntaxError, parse_expr
 
 __all__ = ["Scalar", "ScalarRange", "scalar", "scalar_ranges", "parse_scalar", "Condition", "condition_fields"]
 
-_SCALAR_JSON = {
-    "anyOf": [
-        {"type": "number"},
-        {"type": "string", "description": "expression over hyperparameters, e.g. '$betas[0]' or '1 - $momentum'"},
-    ]
-}
+_EXPRESSION_JSON = {"type": "string", "description": "expression over hyperparameters, e.g. '$betas[0]' or '1 - $momentum'"}
 
 
 def parse_scalar(value: Any) -> float | Expr:
@@ -87,6 +82,14 @@ class ScalarRange:
         upper = f" <= {self.le:g}" if self.le is not None else f" < {self.lt:g}" if self.lt is not None else ""
         return f"{lower}value{upper}" if lower or upper else "finite"
 
+    def json_schema(self) -> dict[str, Any]:
+        """JSON Schema of a scalar field with these bounds: a number in range, or an expression (checked later)."""
+        bounds = {"minimum": self.ge, "exclusiveMinimum": self.gt, "maximum": self.le, "exclusiveMaximum": self.lt}
+        number = {"type": "number", **{key: bound for key, bound in bounds.items() if bound is not None}}
+        if len(number) > 1:
+            number["description"] = f"a number with {self.describe()}"
+        return {"anyOf": [number, dict(_EXPRESSION_JSON)]}
+
     def check_literal(self, value: float | Expr) -> float | Expr:
         if isinstance(value, float):
             message = self.violation(value)
@@ -103,7 +106,7 @@ def scalar(ge: float | None = None, gt: float | None = None, le: float | None = 
         BeforeValidator(parse_scalar),
         AfterValidator(rng.check_literal),
         PlainSerializer(_serialize),
-        WithJsonSchema(_SCALAR_JSON),
+        WithJsonSchema(rng.json_schema()),
         rng,
     ]
 

@@ -10,11 +10,13 @@ import fnmatch
 import hashlib
 import json
 import math
+import numbers
 from typing import Annotated, Any, Union
 
 import torch
 from pydantic import (
-    BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, StrictInt, field_validator, model_validator,
+    BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, StrictInt, WithJsonSchema, field_validator,
+    model_validator,
 )
 
 from opdsl.blocks.base import Block
@@ -26,6 +28,7 @@ MAIN_GRAPH = "main"
 #: Names the engine provides to expressions itself.
 RESERVED_NAMES = frozenset({"step", "grad", "grad2", "param", "params", "true", "false"})
 
+
 def hyper_value(value: Any) -> Any:
     """A hyperparameter's value: true/false, a finite number, or a list of finite numbers.
 
@@ -33,7 +36,7 @@ def hyper_value(value: Any) -> Any:
     number, and ``lr: yes`` would train at lr 1.
     """
     def number(v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise ValueError(f"expected a number, got {v!r} ({type(v).__name__})")
         try:
             v = float(v)
@@ -49,19 +52,28 @@ def hyper_value(value: Any) -> Any:
         if not value:
             raise ValueError("expected a list of numbers, got an empty list")
         return tuple(number(v) for v in value)
-    if isinstance(value, (int, float)):
+    if isinstance(value, numbers.Real):
         return number(value)
     raise ValueError(f"expected true, false, a number or a list of numbers, got {value!r} ({type(value).__name__})")
 
 
-HyperValue = Annotated[Union[bool, float, tuple[float, ...]], BeforeValidator(hyper_value)]
+_HYPER_JSON = {
+    "anyOf": [
+        {"type": "boolean"},
+        {"type": "number"},
+        {"type": "array", "items": {"type": "number"}, "minItems": 1},
+    ],
+    "description": "true, false, a finite number or a non-empty list of numbers",
+}
+
+HyperValue = Annotated[Union[bool, float, tuple[float, ...]], BeforeValidator(hyper_value), WithJsonSchema(_HYPER_JSON)]
 
 
 def lr_problem(value: Any) -> str:
     """What is wrong with a learning rate (the engine's own hyperparameter), or ''."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return f"lr must be a number, got {value!r}"
     if not (math.isfinite(value) and value >= 0):
         return f"lr must be a finite number >= 0, got {value}"

@@ -144,8 +144,9 @@ class _Builder:
         if pattern.fullmatch(node.value):
             try:
                 return convert(node.value)
-            except ValueError:  # e.g. an int with more digits than Python converts
-                pass
+            except ValueError:  # an int with more digits than Python converts (4300 by default)
+                self.problem(node, f"the number {node.value[:12]}... has {len(node.value)} digits; that is too long")
+                return None
         self.problem(node, f"{node.value[:40]!r} is not a valid {_short_tag(node.tag)}")
         return None
 
@@ -164,6 +165,9 @@ class _Builder:
         return out
 
     def key(self, node: yaml.Node) -> str | None:
+        if isinstance(node, yaml.ScalarNode) and node.value == "<<" and node.style is None:
+            self.problem(node, "merge keys (<<) are not supported: write the fields out")
+            return None
         if isinstance(node, yaml.ScalarNode) and node.tag == _STR:
             return node.value
         if self.tag_allowed(node):

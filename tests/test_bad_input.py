@@ -196,7 +196,8 @@ def test_use_cycle_through_unnormalised_paths(tmp_path):
     with pytest.raises(SpecError) as info:
         opdsl.load_spec(tmp_path / "d" / "b.yaml")
     b, c = (str((tmp_path / "d" / f"{name}.yaml").resolve()) for name in uses)
-    assert [p.message for p in info.value.problems] == [f"`use: b.yaml` forms a cycle: {b} -> {c} -> {b}"]
+    [found] = info.value.problems  # at b's `use:`, then where c closes the cycle
+    assert found.message.startswith("in `use: ../d/c.yaml`: ") and found.message.endswith(f"`use: b.yaml` forms a cycle: {b} -> {c} -> {b}")
 
 
 # Values that would have been accepted and then trained wrongly (inf in a parameter, lr 1, a node never on).
@@ -215,6 +216,8 @@ SILENTLY_WRONG = [
      "7:", "field 'weight' (= $beta > 0.5) is a condition (true); expected a number"),
     ("a 400-digit number", ("beta: $beta}", "beta: " + "9" * 400 + "}"), "7:", "(400 digits) is too large"),
     ("a condition indexing past a list", ("beta: $beta}", "beta: $beta, if: '$beta[3] > 0'}"), "7:", "indexes $beta"),
+    ("a list where one number goes", ("beta: 0.9", "beta: [0.9, 0.99]"), "7:",
+     "field 'beta' (= $beta) is the list [0.9, 0.99]; expected one number (index it: $beta[0])"),
 ]
 
 
@@ -252,3 +255,63 @@ def test_bad_lr_given_to_the_optimizer_or_set_later_is_refused_before_the_step()
     with pytest.raises(ValueError, match=r"hyperparameter 'lr': expected true, false, a number"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# One bad node or one bad top-level field must not hide the graph and hyperparameter checks.
+def test_a_node_that_fails_validation_does_not_hide_the_graph_checks():
+    found = problems("""\
+        opdsl: 1
+        name: t
+        hyper: {lr: 0.1}
+        nodes:
+          a: {block: ema, input: grad, beta: 1.5}
+          b: {block: sign, input: zzz}
+        output: q
+        """)
+    assert any(p.startswith("spec.yaml:5:") and "out of range" in p for p in found), found
+    assert any(p.startswith("spec.yaml:6:") and "reads 'zzz'" in p for p in found), found
+    assert any(p.startswith("spec.yaml:7:") and "output 'q' is not a node" in p for p in found), found
+    # Reading a node that failed (even one with an unknown block) is not an unknown reference, and what only a
+    # failed node reads is not dead; the validated nodes are still checked against the hyperparameters.
+    found = problems("""\
+        opdsl: 1
+        name: t
+        hyper: {lr: 0.1, beta: 0.9}
+        nodes:
+          g: {block: sign, input: grad}
+          a: {block: ema, input: g, beta: 1.5}
+          c: {block: emma, input: a}
+          b: {block: ema, input: c, beta: $beta, weight: $nope}
+          f: {block: sign, input: grad}
+        output: b
+        """)
+    assert [p.split(":")[1] for p in found] == ["6", "7", "8", "9"], found
+    assert "unknown hyperparameter '$nope'" in found[2] and "'f' never reaches the output" in found[3], found
+    # `a@prev` of a failed node is no second problem, and a missing output is reported once.
+    found = problems("opdsl: 1\nname: t\nhyper: {lr: 0.1}\nnodes:\n  a: {block: ema, input: grad, beta: 1.5}\n"
+                     "  d: {block: sign, input: a@prev}\n")
+    assert len(found) == 2 and "missing `output:`" in found[0] and "out of range" in found[1], found
+
+
+def test_a_bad_top_level_field_does_not_hide_the_graph_checks():
+    found = problems(GOOD.replace("name: tiny", 'name: "bad name!"').replace("input: grad", "input: zzz"))
+    assert any(p.startswith("spec.yaml:2:") and "'name'" in p for p in found), found
+    assert any(p.startswith("spec.yaml:7:") and "reads 'zzz'" in p for p in found), found
+    # A hyperparameter with a bad value is reported where it is defined, not again where it is read.
+    found = problems(GOOD.replace("beta: 0.9", "beta: yes").replace("input: grad", "input: zzz") + "unknown: 1\n")
+    assert [p.split(":")[1] for p in found] == ["5", "7", "9"], found
+    # A bad route is reported; the routes and graphs around it are still checked.
+    text = GOOD + "groups:\n  - match: {ndim: x}\n  - {graph: nope}\n  - {hyper: {lr: -1}}\n"
+    found = problems(text.replace("output: m", "output: mm"))
+    assert [p.split(":")[1] for p in found] == ["8", "10", "10", "11", "12"], found
+
+
+def test_problems_in_a_used_file_name_the_route_that_uses_it(tmp_path):
+    (tmp_path / "other.yaml").write_text(GOOD.replace("beta: $beta", "beta: 1.5"))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(GOOD + "groups:\n  - match: {ndim: 1}\n    use: other.yaml\n")
+    with pytest.raises(SpecError) as info:
+        opdsl.load_spec(spec)
+    found = [str(p) for p in info.value.problems]
+    assert len(found) == 1 and found[0].startswith(f"{spec}:11:10: in `use: other.yaml`: {tmp_path / 'other.yaml'}:7:"), found
+    assert "out of range" in found[0]

@@ -47,6 +47,78 @@ def test_schema_is_json_with_every_block(capsys):
     assert "hyper" in schema["properties"] and "groups" in schema["properties"]
 
 
+def _number_branch(prop: dict) -> dict:
+    """The literal-number branch of a scalar field's schema (the other branch is the expression)."""
+    (number,) = [branch for branch in prop["anyOf"] if branch.get("type") == "number"]
+    assert any(branch.get("type") == "string" for branch in prop["anyOf"]), "expressions stay allowed"
+    return number
+
+
+def test_schema_says_what_the_loader_enforces():
+    """Version, name pattern, graph layout, hyper values and scalar ranges (checked without jsonschema)."""
+    import re
+
+    from opdsl.blocks import block_class
+    from opdsl.scalars import scalar_ranges
+    from opdsl.schema import spec_json_schema
+    from opdsl.spec import Spec
+
+    schema = spec_json_schema()
+    props, defs = schema["properties"], schema["$defs"]
+    assert props["opdsl"]["const"] == 1 and "opdsl" in schema["required"] and "name" in schema["required"]
+    pattern = props["name"]["pattern"]
+    assert pattern == Spec.model_fields["name"].metadata[0].pattern
+    assert re.search(pattern, "adamw-sn_2.1") and not re.search(pattern, "bad name!")
+    # nodes and output come together; without them the spec has named graphs, none called `main`
+    assert schema["dependentRequired"] == {"nodes": ["output"], "output": ["nodes"]}
+    assert {"required": ["nodes"]} in schema["anyOf"] and {"required": ["graphs"]} in schema["anyOf"]
+    assert props["output"]["type"] == "string" and props["nodes"]["minProperties"] == 1
+    assert "default" not in props["output"] and "default" not in props["nodes"]
+    assert props["graphs"]["propertyNames"] == {"not": {"const": "main"}}
+    assert defs["Graph"]["required"] == ["nodes", "output"] and defs["Graph"]["properties"]["nodes"]["minProperties"] == 1
+    assert defs["Route"]["not"]["required"] == ["graph", "use"]
+    # hyperparameter values: true/false, a number, or a non-empty list of numbers (in `hyper` and in routes)
+    for hyper in (props["hyper"], defs["Route"]["properties"]["hyper"]):
+        types = {branch["type"]: branch for branch in hyper["additionalProperties"]["anyOf"]}
+        assert set(types) == {"boolean", "number", "array"}
+        assert types["array"]["minItems"] == 1 and types["array"]["items"] == {"type": "number"}
+    # scalar ranges: a literal number in range, or an expression string
+    ema = defs[block_class("ema", None).__name__]["properties"]
+    assert _number_branch(ema["beta"])["minimum"] == 0 and _number_branch(ema["beta"])["maximum"] == 1
+    assert _number_branch(ema["weight"])["minimum"] == 0 and "maximum" not in _number_branch(ema["weight"])
+    assert {"type": "null"} in ema["weight"]["anyOf"]  # optional fields stay optional
+    adam = defs[block_class("preconditioned-norm", "adam").__name__]["properties"]
+    assert _number_branch(adam["beta"])["exclusiveMaximum"] == 1 and "maximum" not in _number_branch(adam["beta"])
+    online = defs[block_class("online-step-size", None).__name__]["properties"]
+    assert _number_branch(online["smoothness"])["exclusiveMinimum"] == 0
+    lr_scale = defs[block_class("lr-scale", None).__name__]["properties"]
+    assert set(_number_branch(lr_scale["factor"])) == {"type"}  # unbounded
+    # every bounded field of every block is in the schema with its bounds
+    keys = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+    for cls in _block_classes():
+        assert {"$ref": f"#/$defs/{cls.__name__}"} in props["nodes"]["additionalProperties"]["anyOf"]
+        for field, rng in scalar_ranges(cls).items():
+            prop = defs[cls.__name__]["properties"][cls.model_fields[field].alias or field]
+            number = _number_branch(_scalar_prop(prop))
+            for attr, key in keys.items():
+                assert number.get(key) == getattr(rng, attr), (cls.__name__, field, key)
+
+
+def _block_classes():
+    from opdsl.blocks import BLOCKS
+
+    return [cls for family in BLOCKS.values() for cls in family.values()]
+
+
+def _scalar_prop(prop: dict) -> dict:
+    """The scalar in a field's schema: an optional one (``scalar() | None``) may nest its own anyOf, and a
+    tuple of scalars (``weights``) has it as its items."""
+    if "items" in prop:
+        return prop["items"]
+    nested = [branch for branch in prop.get("anyOf", []) if "anyOf" in branch]
+    return nested[0] if nested else prop
+
+
 def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
@@ -136,3 +208,22 @@ def test_show_model_from_the_current_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.delitem(sys.modules, "opdsl_cli_models", raising=False)
     assert main(["show", "adamw", "--no-mermaid", "--model", "opdsl_cli_models:build"]) == 0
     assert "bytes per parameter" in capsys.readouterr().out and str(tmp_path) not in sys.path
+
+
+def test_show_with_model_notes_rules_that_take_no_parameter(tmp_path, monkeypatch, capsys):
+    spec = tmp_path / "routes.yaml"
+    spec.write_text(
+        "opdsl: 1\nname: routes\nhyper: {lr: 0.1, beta: 0.9}\n"
+        "nodes:\n  m: {block: ema, input: grad, beta: $beta}\noutput: m\n"
+        "groups:\n"
+        "  - match: {ndim: 1}\n    hyper: {lr: 0.01}\n"
+        "  - match: {ndim: 1}\n    hyper: {lr: 0.5}\n"  # shadowed by the rule above
+        "  - match: {name: 'head.*'}\n    hyper: {lr: 0.2}\n"  # nothing is named so
+    )
+    (tmp_path / "opdsl_cli_models.py").write_text(MODELS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "opdsl_cli_models", raising=False)
+    assert main(["show", str(spec), "--no-mermaid", "--model", "opdsl_cli_models:build"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert [n.split(" (")[0] for n in notes] == ["note: groups[1]", "note: groups[2]"]
+    assert "takes no parameter of this model" in notes[0]

@@ -279,3 +279,14 @@ def test_unreadable_path(tmp_path: Path):
         load_yaml_file(tmp_path)
     location, message = only_problem(err)
     assert location == Location(str(tmp_path)) and message.startswith("cannot read the file")
+
+
+def test_refuses_merge_keys_by_name():
+    location, message = refused("nodes:\n  s: {<<: {block: sign}, input: m}\n")
+    assert (location.line, location.col) == (2, 7) and message == "merge keys (<<) are not supported: write the fields out"
+    assert load_yaml_text("'<<': 1\n", file="spec.yaml").data == {"<<": 1}  # a quoted key is only text
+
+
+def test_too_long_number_says_so():
+    location, message = refused("lr: " + "9" * 5000 + "\n")
+    assert location.line == 1 and message == "the number 999999999999... has 5000 digits; that is too long"
