@@ -105,9 +105,10 @@ def to_text(graph: GraphSpec) -> str:
     lines = []
     for name in execution_order(graph):
         block = graph.nodes[name]
+        ports = block.inputs()
         params = block.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"block", *block.PORTS})
-        inputs = ", ".join(f"{port}={ref}" for port, ref in block.inputs().items())
-        extra = ", ".join(f"{k}={v}" for k, v in params.items())
+        inputs = ", ".join(f"{port}={ref}" for port, ref in ports.items())
+        extra = ", ".join(f"{k}={v}" for k, v in params.items() if k not in ports)  # `else` is both
         lines.append(f"  {name} = {block.block}({inputs}{', ' if inputs and extra else ''}{extra})")
     lines.append(f"  param <- param - lr * {graph.output}")
     return "\n".join(lines)
@@ -125,5 +126,6 @@ def to_mermaid(graph: GraphSpec, title: str = "") -> str:
             arrow = "-.->" if parsed.prev else "-->"
             label = f"{port}{' (prev)' if parsed.prev else ''}"
             lines.append(f"  {parsed.node} {arrow}|{label}| {name}")
-    lines.append(f"  {graph.output} --> update([param update])")
+    # "params" is a reserved name, so no node of the spec can share this id (a node may be called "update")
+    lines.append(f"  {graph.output} --> params([param update])")
     return "\n".join(lines)

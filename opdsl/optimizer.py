@@ -4,8 +4,9 @@
 
 Hyperparameter keywords are the spec's ``hyper`` names (torch.optim's names for torch's optimizers).
 ``param_groups`` hold plain Python values, so every torch LR scheduler works; before each step changed
-values are copied into 0-d device tensors the compiled step reads, so no hyperparameter change ever
-recompiles. Routing rules of the spec split each user group into one group per target graph.
+values are copied into (1,)-shaped device tensors the compiled step reads as 0-d views, so changing a
+numeric hyperparameter never recompiles. Flipping a build-time condition (``amsgrad``, ``nesterov``,
+``momentum`` to or from 0) re-plans and compiles once per plan. Routing rules of the spec split each user group into one group per target graph.
 
 Semantics that differ from torch.optim, on purpose:
 - ``zero_grad()`` zeroes the flat gradient buffer (``set_to_none=False`` by default): gradients stay
@@ -26,7 +27,9 @@ Semantics that differ from torch.optim, on purpose:
   ``state.clear()`` (or deleting every entry of a group) restarts that state at step 0, and a tensor put
   in place of a state is copied in; deleting the entries of only some parameters of a group is refused
   (see :mod:`opdsl.state_view`).
-- Parameters whose memory overlaps another's are refused: each is moved into a flat buffer.
+- Parameters whose memory overlaps another's are refused: each is moved into a flat buffer. For the
+  same reason one parameter can belong to one opdsl optimizer at a time: building a second over it
+  moves it into the second's buffer, and the first refuses to step (torch allows two).
 - Decoupled weight decay is part of the one update ``param - lr * (update + wd * param)``, written to
   the parameter once; torch's AdamW first writes the decayed parameter, then the updated one. In
   float32 the two agree to rounding; in bfloat16 torch's extra rounding shows: over 50 steps (eager)
@@ -370,8 +373,9 @@ class Optimizer(torch.optim.Optimizer):
             if moved:
                 raise RuntimeError(
                     f"parameter {self._where(bucket, moved[0])} no longer points into the optimizer's flat buffer "
-                    "(its .data was re-assigned, or the module was moved to another device or dtype after the "
-                    "optimizer was built); build the optimizer after moving the model"
+                    "(its .data was re-assigned, the module was moved to another device or dtype after the "
+                    "optimizer was built, or another opdsl optimizer was built over it); build the optimizer "
+                    "after moving the model, and one optimizer per parameter"
                 )
             missing = bucket.flat.gather_grads()
             if missing is None:

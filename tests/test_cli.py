@@ -227,3 +227,12 @@ def test_show_with_model_notes_rules_that_take_no_parameter(tmp_path, monkeypatc
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert [n.split(" (")[0] for n in notes] == ["note: groups[1]", "note: groups[2]"]
     assert "takes no parameter of this model" in notes[0]
+
+
+def test_mermaid_end_node_never_shares_an_id_with_a_spec_node(capsys):
+    """adamw's output node is called `update`: the end of the diagram must not loop back onto it."""
+    assert main(["show", "adamw"]) == 0
+    out = capsys.readouterr().out
+    assert "update --> params([param update])" in out and "update --> update" not in out
+    assert main(["show", "muon", "--no-mermaid"]) == 0
+    assert capsys.readouterr().out.count("else=buf") == 1

@@ -252,3 +252,12 @@ def test_reloading_a_two_gradient_spec_keeps_two_gradient_buffers():
         opt.load_state_dict(checkpoint)
         opt.step(closure)
     assert [len(b.flat._views_by_buffer) for b in opt._buckets] == [2] * len(opt._buckets)
+
+
+def test_a_second_optimizer_over_the_same_parameters_is_named_when_the_first_steps():
+    model = make_model("mlp")
+    first = opdsl.Optimizer(model.parameters(), "sgd", compile=False)
+    opdsl.Optimizer(model.parameters(), "sgd", compile=False)  # moves every parameter into its own buffer
+    loss_of(model, "mlp", 0).backward()
+    with pytest.raises(RuntimeError, match="another opdsl optimizer was built over it"):
+        first.step()
