@@ -13,6 +13,12 @@ Per parameter G (m x n; ndim > 2 is viewed as (shape[0], -1)), r = min(rank, m, 
     M_t   = beta * M_{t-1} + weight * P_t(g_t)        weight defaults to 1 - beta
     out   = P_t*(M_t) + (g_t - P_t*(P_t(g_t)))        (the residual term only with ``residual: true``)
 
+The SVD runs in float32 for float32, bfloat16 and float16 gradients (the authors' full fp32 SVD) and in
+float64 for float64 ones. When a gradient's rank is below r (a layer feeding a narrower one), its last
+singular vectors are set by rounding alone: later gradients' components along them get momentum
+instead of passing through, and two runs that differ by rounding diverge at the next refresh (the paper
+and code leave this case open; keep r at or below the layer's rank where that matters).
+
 ``reset`` says what happens to M at a refresh (its coordinates belong to the old basis):
     refresh  (default, the paper's intent) M is zeroed before the update: M_t = weight * P_new(g_t)
     lagged   the authors' code: the refresh step still uses beta * M_old (old-basis coordinates) + weight *
