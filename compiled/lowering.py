@@ -169,6 +169,9 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
     }
 
     def step(params, grads, states, steps, envs, actives, extras, skipped=None):
+        # Values every bucket shares (a global sum, the finiteness verdict) are formed on one device and
+        # copied to each bucket's; `.to` is free when all buckets share a device.
+        home = skipped.device if skipped is not None else params[0].device
         runs: list[_Run] = []
         for i, b in enumerate(buckets):
             t = steps[i].reshape(()) + 1
@@ -187,16 +190,19 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
                 totals = None
                 if block.scope() is Scope.GLOBAL:
                     partials = [block.reduce(runs[i].ctx, _inputs(runs[i], s), _node_state(runs[i], s)) for i, s in active]
-                    totals = {k: sum(p[k] for p in partials) for k in partials[0]}
+                    totals = {k: sum(p[k].to(home) for p in partials) for k in partials[0]}
                 for i, s in active:
                     run = runs[i]
-                    out, new = s.block.forward(run.ctx, _inputs(run, s), _node_state(run, s), totals)
+                    here = None if totals is None else {k: v.to(params[i].device) for k, v in totals.items()}
+                    out, new = s.block.forward(run.ctx, _inputs(run, s), _node_state(run, s), here)
                     run.values[s.name] = out
                     _note_carried(run, s)
                     for key, value in new.items():
                         run.new_state[state_key(s.name, key)] = value
-        ok = _all_finite([{"grad": grads[i], **extras[i]} for i in range(len(buckets))], runs) if check_finite else None
+        checked = [{"grad": grads[i], **extras[i]} for i in range(len(buckets))]
+        ok_home = _all_finite(checked, runs, home) if check_finite else None
         for i, (b, run) in enumerate(zip(buckets, runs)):
+            ok = None if ok_home is None else ok_home.to(params[i].device)
             update = _read(run, b.program.output)
             lr = run.ctx.env["lr"]
             new_param = params[i] - lr * update
@@ -206,11 +212,11 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
                 _write_state(states[i][key], new, keep, ok, actives[i], b.program.state_specs[key].kind, run.ctx)
             advanced = run.ctx.step if ok is None else torch.where(ok, run.ctx.step, steps[i].reshape(()))
             steps[i].copy_(advanced.reshape(steps[i].shape))
-        if ok is None:
+        if ok_home is None:
             return torch.ones((), dtype=torch.bool, device=params[0].device)
         if skipped is not None:
-            skipped.add_((~ok).to(device=skipped.device, dtype=skipped.dtype))
-        return ok
+            skipped.add_((~ok_home).to(dtype=skipped.dtype))
+        return ok_home
 
     return step
 
@@ -253,8 +259,8 @@ def _note_carried(run: _Run, s: NodeStep) -> None:
         run.carried[s.name] = source
 
 
-def _all_finite(checked: Sequence[Mapping[str, torch.Tensor]], runs: Sequence[_Run]) -> torch.Tensor:
-    """One 0-d bool: no gradient (``grad``, ``grad2``) holds inf or NaN.
+def _all_finite(checked: Sequence[Mapping[str, torch.Tensor]], runs: Sequence[_Run], home: torch.device) -> torch.Tensor:
+    """One 0-d bool on ``home``: no gradient (``grad``, ``grad2``) holds inf or NaN.
 
     Runs after the blocks, so that a gradient whose squares or products a block summed anyway
     (:meth:`BlockContext.witness`) is checked through those sums instead of another pass over it.
@@ -262,7 +268,7 @@ def _all_finite(checked: Sequence[Mapping[str, torch.Tensor]], runs: Sequence[_R
     flags = []
     for values, run in zip(checked, runs):
         for key, value in values.items():
-            flags += [torch.isfinite(t).all() for t in run.ctx.witnesses.get(key, [value])]
+            flags += [torch.isfinite(t).all().to(home) for t in run.ctx.witnesses.get(key, [value])]
     return flags[0] if len(flags) == 1 else torch.stack(flags).all()
 
 

@@ -270,9 +270,14 @@ class Optimizer(torch.optim.Optimizer):
             [spares[id(b.flat)] if id(b.flat) in spares else torch.empty_like(b.flat.grad) for b in self._buckets]
             if self._needs_grad2 else []
         )
-        device = self._buckets[0].flat.device
-        if self._skipped is None:
-            self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+        # the step forms its shared values (global sums, the finiteness verdict) where this counter lives:
+        # an accelerator if any bucket is on one, so that only CPU buckets wait for them
+        devices = [b.flat.device for b in self._buckets]
+        device = next((d for d in devices if d.type != "cpu"), devices[0])
+        if self._skipped is None or self._skipped.device != device:
+            self._skipped = torch.zeros((), dtype=torch.int64, device=device) + (
+                self._skipped.to(device) if self._skipped is not None else 0
+            )
 
     def _start_clocks(self) -> None:
         """One clock per step counter whose graph has scheduled nodes; its flags go into the step's env."""

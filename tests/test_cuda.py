@@ -68,3 +68,39 @@ def test_cuda_matches_cpu_and_steps_without_a_sync(name):
     )
     assert diff < 1e-9, f"{name}: CUDA against CPU after 30 steps, max relative difference {diff:.3g}"
     assert cuda_opt.skipped_steps == 0
+
+
+
+def _closure(model: nn.Module, opt: opdsl.Optimizer, step: int, first: str, second: str):
+    """Loss on fresh batches, one per call (SGDOL calls twice per step): layers 0-2 on ``first``, the rest on
+    ``second``."""
+    calls = iter(range(2))
+
+    def closure():
+        x, y = batch("mlp", 2 * step + next(calls), DT)
+        opt.zero_grad()
+        hidden = model[:3](x.to(first))
+        loss = nn.functional.cross_entropy(model[3:](hidden.to(second)).cpu(), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("name", ["adamw", "scsadamw", "sgdol"])
+def test_parameters_on_two_devices_step_as_on_one(name):
+    """Half the model on CUDA, half on the CPU (or on a second GPU): the global sums and the finiteness
+    verdict are formed on one device and copied to each bucket's. Same numbers as all on the CPU."""
+    second = "cuda:1" if torch.cuda.device_count() > 1 else "cpu"
+    ref_model = make_model("mlp", DT)
+    model = copy.deepcopy(ref_model)
+    for i, layer in enumerate(model):
+        layer.to("cuda:0" if i < 3 else second)
+    ref_opt = opdsl.Optimizer(ref_model.parameters(), name, compile=False, lr=1e-2)
+    opt = opdsl.Optimizer(model.parameters(), name, lr=1e-2)
+    for step in range(5):
+        ref_opt.step(_closure(ref_model, ref_opt, step, "cpu", "cpu"))
+        opt.step(_closure(model, opt, step, "cuda:0", second))
+    diff = max(((a.cpu() - b).abs().max() / b.abs().max()).item() for a, b in zip(model.parameters(), ref_model.parameters()))
+    assert diff < 1e-9, f"{name} on two devices against one: max relative difference {diff:.3g}"
+    assert opt.skipped_steps == 0
