@@ -14,7 +14,8 @@ Per parameter G (m x n; ndim > 2 is viewed as (shape[0], -1)), r = min(rank, m, 
     out   = P_t*(M_t) + (g_t - P_t*(P_t(g_t)))        (the residual term only with ``residual: true``)
 
 The SVD runs in float32 for float32, bfloat16 and float16 gradients (the authors' full fp32 SVD) and in
-float64 for float64 ones. When a gradient's rank is below r (a layer feeding a narrower one), its last
+float64 for float64 ones. On CUDA, ``torch.linalg.svd`` reads its error code on the host, so a refresh
+step waits for the device once (the steps between refreshes do not). When a gradient's rank is below r (a layer feeding a narrower one), its last
 singular vectors are set by rounding alone: later gradients' components along them get momentum
 instead of passing through, and two runs that differ by rounding diverge at the next refresh (the paper
 and code leave this case open; keep r at or below the layer's rank where that matters).

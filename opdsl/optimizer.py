@@ -6,7 +6,9 @@ Hyperparameter keywords are the spec's ``hyper`` names (torch.optim's names for 
 ``param_groups`` hold plain Python values, so every torch LR scheduler works; before each step changed
 values are copied into (1,)-shaped device tensors the compiled step reads as 0-d views, so changing a
 numeric hyperparameter never recompiles. Flipping a build-time condition (``amsgrad``, ``nesterov``,
-``momentum`` to or from 0) re-plans and compiles once per plan. Routing rules of the spec split each user group into one group per target graph.
+``momentum`` to or from 0) re-plans and compiles once per plan. A tensor-valued hyperparameter (``lr=
+torch.tensor(1e-3)``) is read on the host whenever it changes, to be range-checked: keep it on the CPU
+(torch's schedulers update it there) rather than on the GPU, where each change would wait for the device. Routing rules of the spec split each user group into one group per target graph.
 
 Semantics that differ from torch.optim, on purpose:
 - ``zero_grad()`` zeroes the flat gradient buffer (``set_to_none=False`` by default): gradients stay
