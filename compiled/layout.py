@@ -142,24 +142,32 @@ class FlatBuffers:
         The common case (autograd accumulated into our views) costs one identity check per parameter.
         """
         missing: list[int] = []
+        zeroed: list[torch.Tensor] = []
+        targets: list[torch.Tensor] = []
+        sources: list[torch.Tensor] = []
         for i, (p, view) in enumerate(zip(self.params, self._grad_views)):
             g = p.grad
             if g is view and p.requires_grad:
                 continue
-            with torch.no_grad():
-                if g is None or g is view:  # no gradient, or frozen since its view was installed
-                    view.zero_()
-                    missing.append(i)
-                    if not p.requires_grad:
-                        p.grad = None
-                        continue
-                elif g.is_sparse:
-                    raise RuntimeError(
-                        f"parameter {i} of a bucket has a sparse gradient; opdsl supports dense gradients only"
-                    )
-                else:
-                    view.copy_(g.reshape(view.shape))
+            if g is None or g is view:  # no gradient, or frozen since its view was installed
+                zeroed.append(view)
+                missing.append(i)
+                if not p.requires_grad:
+                    p.grad = None
+                    continue
+            elif g.is_sparse:
+                raise RuntimeError(
+                    f"parameter {i} of a bucket has a sparse gradient; opdsl supports dense gradients only"
+                )
+            else:
+                targets.append(view)
+                sources.append(g.reshape(view.shape))
             p.grad = view
+        with torch.no_grad():  # one launch each on a GPU, not one per parameter (model.zero_grad() clears all)
+            if zeroed:
+                torch._foreach_zero_(zeroed)
+            if targets:
+                torch._foreach_copy_(targets, sources)
         return missing or None
 
     def swap_grad(self, spare: torch.Tensor) -> torch.Tensor:
