@@ -276,10 +276,10 @@ class Optimizer(torch.optim.Optimizer):
         # an accelerator if any bucket is on one, so that only CPU buckets wait for them
         devices = [b.flat.device for b in self._buckets]
         device = next((d for d in devices if d.type != "cpu"), devices[0])
-        if self._skipped is None or self._skipped.device != device:
-            self._skipped = torch.zeros((), dtype=torch.int64, device=device) + (
-                self._skipped.to(device) if self._skipped is not None else 0
-            )
+        if self._skipped is None:
+            self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+        elif self._skipped.device != device:  # a group on an accelerator was added
+            self._skipped = self._skipped.to(device)
 
     def _start_clocks(self) -> None:
         """One clock per step counter whose graph has scheduled nodes; its flags go into the step's env."""
