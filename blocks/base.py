@@ -163,6 +163,19 @@ class Block(BaseModel):
                 for i, v in enumerate(value):
                     yield f"{name}[{i}]", v
 
+    def problems_at(self, evaluate: Callable[[Scalar], Any]) -> list[tuple[str | None, str]]:
+        """(field, message) for each condition or field that cannot be evaluated at these values (``if`` for
+        the node's own condition); where all can, :meth:`check_values`' messages (field None)."""
+        problems = []
+        for field, value in [*self.conditions(), *self.scalar_fields()]:
+            try:
+                evaluate(value)
+            except (ValueError, TypeError, ArithmeticError) as err:
+                name = "if" if field == "when" else field
+                text = str(err) if str(err).startswith("cannot evaluate") else f"cannot evaluate {name!r}: {err}"
+                problems.append((name, text))
+        return problems or [(None, message) for message in self.check_values(evaluate)]
+
     def check_values(self, evaluate: Callable[[Scalar], Any]) -> list[str]:
         """Check every scalar field at concrete hyperparameter values (a finite number, in its range).
 

@@ -268,8 +268,8 @@ class _SpecBuilder:
         if "lr" not in spec.hyper:
             if not self._hyper_failed("lr"):
                 self.problem(("hyper",), "hyper must define `lr` (the update is param <- param - lr * output)")
-        elif lr_problem(spec.hyper["lr"]):
-            self.problem(("hyper", "lr"), lr_problem(spec.hyper["lr"]))
+        elif problem := lr_problem(spec.hyper["lr"]):
+            self.problem(("hyper", "lr"), problem)
         for key in spec.hyper:
             if key in RESERVED_NAMES or not key.isidentifier():
                 self.problem(("hyper", key), f"bad hyperparameter name {key!r}", key=True)
@@ -279,8 +279,8 @@ class _SpecBuilder:
             for key in route.hyper:
                 if key not in spec.hyper and not self._hyper_failed(key):
                     self._unknown_ref(("groups", index, "hyper", key), key, list(spec.hyper), "hyperparameter", key=True)
-            if "lr" in route.hyper and lr_problem(route.hyper["lr"]):
-                self.problem(("groups", index, "hyper", "lr"), lr_problem(route.hyper["lr"]))
+            if "lr" in route.hyper and (problem := lr_problem(route.hyper["lr"])):
+                self.problem(("groups", index, "hyper", "lr"), problem)
         for gname, graph in spec.graphs.items():
             path = () if gname == MAIN_GRAPH else ("graphs", gname)
             used = gname not in (MAIN_GRAPH,) and any(r.use == gname for r in spec.groups)
@@ -332,18 +332,9 @@ class _SpecBuilder:
     def _check_at(self, hyper: dict, context: str, path: tuple, nname: str, block) -> None:
         """Every field and condition of a node evaluated at one set of hyperparameter values."""
         env = {**hyper, "step": 1.0}
-        evaluate = lambda v: v.evaluate(env) if isinstance(v, Expr) else v  # noqa: E731
-        messages = []
-        for field, value in [*block.conditions(), *block.scalar_fields()]:
-            try:
-                evaluate(value)
-            except (ValueError, TypeError, ArithmeticError) as err:
-                name = "if" if field == "when" else field
-                text = str(err) if str(err).startswith("cannot evaluate") else f"cannot evaluate {name!r}: {err}"
-                messages.append((name, text))
-        if not messages:
-            messages = [(m.split("'")[1] if m.startswith("field '") else None, m) for m in block.check_values(evaluate)]
-        for field, message in messages:
+        for field, message in block.problems_at(lambda v: v.evaluate(env) if isinstance(v, Expr) else v):
+            if field is None and message.startswith("field '"):
+                field = message.split("'")[1]
             self.problem(path + ((field.split("[")[0],) if field else ()), f"node {nname!r}: {message} (at {context})")
 
     # ---- message helpers ------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ values are copied into (1,)-shaped device tensors the compiled step reads as 0-d
 numeric hyperparameter never recompiles. Flipping a build-time condition (``amsgrad``, ``nesterov``,
 ``momentum`` to or from 0) re-plans and compiles once per plan. A tensor-valued hyperparameter (``lr=
 torch.tensor(1e-3)``) is read on the host whenever it changes, to be range-checked: keep it on the CPU
-(torch's schedulers update it there) rather than on the GPU, where each change would wait for the device. Routing rules of the spec split each user group into one group per target graph.
+(torch's schedulers update it there) rather than on the GPU, where each change would wait for the device.
+Routing rules of the spec split each user group into one group per target graph.
 
 Semantics that differ from torch.optim, on purpose:
 - ``zero_grad()`` zeroes the flat gradient buffer (``set_to_none=False`` by default): gradients stay
@@ -250,7 +251,6 @@ class Optimizer(torch.optim.Optimizer):
         if self._buckets:
             self._adopt_state_edits()
         saved = self._export_state() if self._buckets else {}
-        saved = {pid: {**self._dormant.get(pid, {}), **entry} for pid, entry in saved.items()}
         old_flats = [b.flat for b in self._buckets]
         self._buckets = build_buckets(self.spec, self.param_groups, self._names, self._hyper_names, old_flats)
         self._envs = {}
@@ -443,11 +443,10 @@ class Optimizer(torch.optim.Optimizer):
 
     # ---- state_dict -------------------------------------------------------------------------------------
     def _export_state(self) -> dict[int, dict[str, torch.Tensor]]:
-        out = {}
-        for bucket in self._buckets:
-            for i, p in enumerate(bucket.flat.params):
-                out[id(p)] = {k: v.detach().clone() for k, v in per_param_state(bucket, i).items()}
-        return out
+        """A copy of every parameter's state (switched-off nodes' included), by ``id(param)``, for a re-plan."""
+        return {
+            id(p): {k: v.detach().clone() for k, v in entry.items()} for p, entry in self._state_entries().items()
+        }
 
     def _import_state(
         self, saved: Mapping[int, Mapping[str, torch.Tensor]], strict: bool
@@ -602,8 +601,8 @@ _KEPT_STEPS = 8  # compiled steps kept per optimizer (plans a run flips between)
 class _TensorMark:
     """A tensor-valued hyperparameter as last seen: the tensor itself and its version counter.
 
-    Schedulers change a tensor ``lr`` in place (``fill_``), which bumps the counter; reading the value
-    instead would sync with the device on every step.
+    Schedulers change a tensor ``lr`` in place (``fill_``), which bumps the counter; comparing values
+    instead would read the tensor on every step, changed or not.
     """
 
     __slots__ = ("tensor", "version")

@@ -129,13 +129,10 @@ def conditions_of(spec: Spec, graph: str, env: Mapping[str, Any]) -> tuple[bool,
 
 def check_group_values(spec: Spec, graph: str, env: Mapping[str, Any], where: str) -> None:
     """Range-check every block field at a group's hyperparameter values."""
-    problems = [lr_problem(env["lr"])] if "lr" in env and lr_problem(env["lr"]) else []
+    problems = [problem] if "lr" in env and (problem := lr_problem(env["lr"])) else []
+    evaluate = lambda v: v.evaluate(env) if isinstance(v, Expr) else v  # noqa: E731
     for name, block in spec.graphs[graph].nodes.items():
-        evaluate = lambda v: v.evaluate(env) if isinstance(v, Expr) else v  # noqa: E731
-        try:
-            problems += [f"node {name!r}: {m}" for m in block.check_values(evaluate)]
-        except (ValueError, TypeError, ArithmeticError) as err:
-            problems.append(f"node {name!r}: cannot evaluate its fields: {err}")
+        problems += [f"node {name!r}: {message}" for _, message in block.problems_at(evaluate)]
     if problems:
         raise ValueError(f"{where} of spec {spec.name!r} has invalid hyperparameters:\n  " + "\n  ".join(problems))
 

@@ -14,9 +14,17 @@ from pydantic import AfterValidator, BeforeValidator, PlainSerializer, WithJsonS
 
 from opdsl.expr import Expr, ExprSyntaxError, parse_expr
 
-__all__ = ["Scalar", "ScalarRange", "scalar", "scalar_ranges", "parse_scalar", "Condition", "condition_fields"]
+__all__ = ["Scalar", "ScalarRange", "scalar", "scalar_ranges", "parse_scalar", "to_float", "Condition", "condition_fields"]
 
 _EXPRESSION_JSON = {"type": "string", "description": "expression over hyperparameters, e.g. '$betas[0]' or '1 - $momentum'"}
+
+
+def to_float(value: int | float) -> float:
+    """``float(value)``, or a clear error for an integer too large for a float (a 400-digit literal)."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"the number {str(value)[:12]}... ({len(str(value))} digits) is too large") from None
 
 
 def parse_scalar(value: Any) -> float | Expr:
@@ -24,10 +32,7 @@ def parse_scalar(value: Any) -> float | Expr:
     if isinstance(value, bool):
         raise ValueError(f"expected a number or an expression, got the boolean {value!r}")
     if isinstance(value, (int, float)):
-        try:
-            return float(value)
-        except OverflowError:
-            raise ValueError(f"the number {str(value)[:12]}... ({len(str(value))} digits) is too large") from None
+        return to_float(value)
     if isinstance(value, Expr):
         return value
     if isinstance(value, str):

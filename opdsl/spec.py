@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from opdsl.blocks.base import Block
+from opdsl.scalars import to_float
 
 __all__ = ["HyperValue", "Match", "Route", "GraphSpec", "Spec", "SPEC_VERSION", "MAIN_GRAPH", "hyper_value", "lr_problem"]
 
@@ -38,10 +39,7 @@ def hyper_value(value: Any) -> Any:
     def number(v: Any) -> float:
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise ValueError(f"expected a number, got {v!r} ({type(v).__name__})")
-        try:
-            v = float(v)
-        except OverflowError:
-            raise ValueError(f"the number {str(v)[:12]}... is too large") from None
+        v = to_float(v)
         if not math.isfinite(v):
             raise ValueError(f"expected a finite number, got {v}")
         return v
@@ -71,8 +69,6 @@ HyperValue = Annotated[Union[bool, float, tuple[float, ...]], BeforeValidator(hy
 
 def lr_problem(value: Any) -> str:
     """What is wrong with a learning rate (the engine's own hyperparameter), or ''."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return f"lr must be a number, got {value!r}"
     if not (math.isfinite(value) and value >= 0):
