@@ -315,9 +315,10 @@ class _SpecBuilder:
         for field, value in fields:
             if not isinstance(value, Expr):
                 continue
-            where = path + (("if" if field == "when" else field.split("[")[0]),)
+            label = "if" if field == "when" else field  # `when` is the YAML key `if:`
+            where = path + (label.split("[")[0],)
             if field in dict(block.conditions()) and value.uses_step:
-                self.problem(where, f"node {nname!r}: `{'if' if field == 'when' else field}: {value}` reads `step`, "
+                self.problem(where, f"node {nname!r}: `{label}: {value}` reads `step`, "
                              "but conditions are decided once, when the spec is bound to parameters; use `step` in "
                              "a number field instead (e.g. a factor `\"min(1, step / 100)\"`)")
                 ok = False
