@@ -134,7 +134,8 @@ def rmsprop(shape: Shape, hyper: Mapping[str, Any]) -> int:
 
 
 def sgd(shape: Shape, hyper: Mapping[str, Any]) -> int:
-    return numel(shape) if hyper["momentum"] != 0 else 0
+    # the buffer, and a flag shared by the bucket marking its first step (torch marks it by the buffer's absence)
+    return numel(shape) + 1 if hyper["momentum"] != 0 else 0
 
 
 # ---- the table --------------------------------------------------------------------------------------
@@ -230,8 +231,8 @@ THEORY: dict[str, Theory] = {
         "direction d and v, full-size; the smoothed weight is recomputed every step (algorithms.md §1: SCSAdamW)",
         full(2)),
     "sgd": Theory(
-        "momentum buffer, full-size, only if momentum != 0: none at the default momentum 0 (specs/sgd.yaml) "
-        "(torch.optim.SGD's update rule)",
+        "momentum buffer, full-size, and a shared scalar marking its first step, only if momentum != 0: none "
+        "at the default momentum 0 (specs/sgd.yaml) (torch.optim.SGD's update rule)",
         sgd, {"momentum": 0.0}),
     "sgdol": Theory(
         "three global scalars: S_ip, S_norm and the step size eta_t for the next step, as the authors' code "

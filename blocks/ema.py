@@ -3,6 +3,10 @@
     m_t = beta * m_{t-1} + w * x_t^p          w defaults to (1 - beta): an EMA (torch Adam's ``lerp``)
     m_1 = x_1^p            when init = first  (torch SGD's momentum buffer starts at the gradient)
 
+With ``init: first`` the first step is the node's own first step, kept as a SCALAR state ``started``
+(0, then 1), not the group's step 1: a node switched on by ``if:`` mid-run (SGD's momentum raised from
+0) starts at the gradient, as torch's buffer does when it is first created.
+
 ``w = 1`` with ``init: first`` is torch.optim.SGD's momentum with dampening 0 (``w = 1 - dampening``);
 ``p = 2`` gives second moments (RMSprop, Adam's v). The state ``value`` is what ``node@prev`` reads.
 """
@@ -29,7 +33,10 @@ class EMA(Block):
     PRIMARY_STATE = "value"
 
     def state_specs(self) -> dict[str, StateSpec]:
-        return {"value": StateSpec(StateKind.ELEMENTWISE)}
+        specs = {"value": StateSpec(StateKind.ELEMENTWISE)}
+        if self.init == "first":
+            specs["started"] = StateSpec(StateKind.SCALAR)
+        return specs
 
     def forward(self, ctx, x, state, totals=None):
         m, g = state["value"], power(x["input"], self.power)
@@ -39,5 +46,7 @@ class EMA(Block):
         else:
             new = m * as_weight(beta, m) + g * as_weight(ctx.value(self.weight), m)
         if self.init == "first":
-            new = torch.where(ctx.step == 1, g, new)
+            started = state["started"]
+            new = torch.where(started == 0, g, new)
+            return new, {"value": new, "started": torch.ones_like(started)}
         return new, {"value": new}
