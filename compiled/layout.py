@@ -110,6 +110,7 @@ class FlatBuffers:
             self.grad = torch.zeros(self.numel, device=self.device, dtype=self.dtype)
             for p, seg in zip(params, self.segments):
                 self.param[seg.offset : seg.end].copy_(p.detach().reshape(-1))
+        self._zeroed_at = self.grad._version  # gradients the parameters already hold are copied in below
         self._grad_views = self._segment_views(self.grad)
         self._views_by_buffer: dict[int, list[torch.Tensor]] = {}
         for p, seg in zip(params, self.segments):
@@ -136,11 +137,21 @@ class FlatBuffers:
                     view.copy_(p.grad.reshape(view.shape))
                 p.grad = view
 
+    def written(self) -> bool:
+        """Whether a gradient was written into the buffer since it was last zeroed.
+
+        Autograd accumulates into the views in place, and any in-place write to a view bumps the version
+        counter it shares with the buffer: one host-side read, no look at the values. A write through
+        ``p.grad.data`` is not counted (``.data`` has a counter of its own).
+        """
+        return self.grad._version != self._zeroed_at
+
     def gather_grads(self) -> list[int] | None:
         """Make the gradient buffer hold every ``p.grad``; return indices of params whose grad is None.
 
         The common case (autograd accumulated into our views) costs one identity check per parameter.
         """
+        clean = not self.written()
         missing: list[int] = []
         zeroed: list[torch.Tensor] = []
         targets: list[torch.Tensor] = []
@@ -168,6 +179,8 @@ class FlatBuffers:
                 torch._foreach_zero_(zeroed)
             if targets:
                 torch._foreach_copy_(targets, sources)
+        if clean and not targets:  # zeroing slices of a zeroed buffer writes no gradient
+            self._zeroed_at = self.grad._version
         return missing or None
 
     def swap_grad(self, spare: torch.Tensor) -> torch.Tensor:
@@ -189,6 +202,7 @@ class FlatBuffers:
         else:
             self.grad.zero_()
             self.install_grad_views(keep_values=False)
+            self._zeroed_at = self.grad._version
 
     def moved_params(self) -> list[int]:
         """Indices of parameters whose ``.data`` no longer lives in the flat buffer (re-assigned, or the module

@@ -16,7 +16,9 @@ Semantics that differ from torch.optim, on purpose:
   views, so backward accumulates into the buffer and the step reads it with no gather. A parameter that
   receives no gradient is then stepped with a zero gradient. ``zero_grad(set_to_none=True)`` restores
   torch's behaviour (a parameter whose ``.grad`` is None is left untouched, state included), at the cost
-  of one gather per step. A frozen parameter (``requires_grad=False``) is never given a view and is
+  of one gather per step. A ``step()`` that finds no gradient written at all since the optimizer was
+  built or last zeroed them (no backward yet) steps nothing and warns once, as torch's step does when
+  every ``.grad`` is None. A frozen parameter (``requires_grad=False``) is never given a view and is
   left untouched, as in torch.
 - The step count is one per parameter group and device, not per parameter: a parameter that receives
   its first gradient at step 10 is bias-corrected as at step 10 (torch counts 1).
@@ -132,6 +134,8 @@ class Optimizer(torch.optim.Optimizer):
         self._seen: list[dict[str, Any]] = []
         self._skipped: torch.Tensor | None = None
         self._clocks: list[StepClock] = []
+        self._warned_no_gradient = False
+        self._first_written = False  # grad2 specs: whether the closure's first call wrote a gradient
         self._building = False
 
     # ---- copy and pickle ------------------------------------------------------------------------------
@@ -395,6 +399,9 @@ class Optimizer(torch.optim.Optimizer):
             actives.append(mask.to(bucket.flat.device, non_blocking=True))
         if not any_grad:
             return loss
+        if not (self._first_written if self._needs_grad2 else any(b.flat.written() for b in self._buckets)):
+            self._warn_no_gradient()
+            return loss
         buckets = self._buckets
         for clock in self._clocks:
             clock.decide()
@@ -414,12 +421,27 @@ class Optimizer(torch.optim.Optimizer):
             raise FloatingPointError("a gradient holds inf or NaN; the step was skipped (parameters and state unchanged)")
         return loss
 
+    def _warn_no_gradient(self) -> None:
+        """step() found no gradient written since the buffers were zeroed: torch would see every .grad None."""
+        if self._warned_no_gradient:
+            return
+        self._warned_no_gradient = True
+        warnings.warn(
+            "opdsl.Optimizer.step() found no gradient written since the optimizer was built or zero_grad() "
+            "was called, so it stepped nothing, as torch.optim does when every .grad is None. (A gradient "
+            "written only through `p.grad.data` is not seen: write `p.grad` in place or assign it.) "
+            "This warning is shown once.",
+            stacklevel=3,
+        )
+
     def _two_gradients(self, closure: Callable[[], Any]) -> Any:
         """Run the closure twice at the same parameters; keep the first gradient aside."""
         with torch.enable_grad():
             loss = closure()
+        self._first_written = False  # `grad` is the first gradient: the step needs it written
         for i, bucket in enumerate(self._buckets):
             bucket.flat.gather_grads()
+            self._first_written |= bucket.flat.written()
             self._first_grads[i] = bucket.flat.swap_grad(self._first_grads[i])
         with torch.enable_grad():
             closure()

@@ -261,3 +261,40 @@ def test_a_second_optimizer_over_the_same_parameters_is_named_when_the_first_ste
     loss_of(model, "mlp", 0).backward()
     with pytest.raises(RuntimeError, match="another opdsl optimizer was built over it"):
         first.step()
+
+
+def test_momentum_first_switched_on_mid_run_starts_at_the_gradient_as_in_torch():
+    """torch creates SGD's momentum_buffer as a copy of the gradient the first time momentum is non-zero,
+    whatever the step; with dampening that differs from one dampened update of a zero buffer."""
+    ours, ref = twin()
+    opt = opdsl.Optimizer(ours.parameters(), "sgd", lr=0.05, momentum=0.0, dampening=0.5, compile=False)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.0, dampening=0.5, foreach=False)
+    for step, momentum in enumerate([0.0, 0.0, 0.9, 0.9, 0.0, 0.9]):
+        for o in (opt, ref_opt):
+            o.param_groups[0]["momentum"] = momentum
+        lockstep([(ours, opt), (ref, ref_opt)], 1, start=step)
+    assert max_rel_diff(ours, ref) < TOL
+
+
+def test_step_with_no_gradient_written_steps_nothing_as_in_torch():
+    """Before any backward, and after zero_grad() with no backward since, torch sees every .grad None and
+    steps nothing (no decay, no step count); opdsl's zeroed views must count as None there. Zeroing the
+    views in place the torch way (set_to_none=False) gives zero gradients, which both step."""
+    ours, ref = twin()
+    opt = opdsl.Optimizer(ours.parameters(), "adamw", lr=1e-2, weight_decay=0.1, compile=False)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    with pytest.warns(UserWarning, match="no gradient written"):
+        opt.step()  # a warm-up call before training
+    ref_opt.step()
+    lockstep([(ours, opt), (ref, ref_opt)], 3)
+    for o in (opt, ref_opt):
+        o.zero_grad()
+        o.step()  # nothing written since the zeroing: warned once already, so silent now
+    lockstep([(ours, opt), (ref, ref_opt)], 3, start=3)
+    for model in (ours, ref):
+        model.zero_grad(set_to_none=False)  # torch's gradients exist after a backward: zeroed in place
+    for o in (opt, ref_opt):
+        o.step()  # zero gradients are gradients: decay and momentum act
+    lockstep([(ours, opt), (ref, ref_opt)], 3, start=6)
+    assert max_rel_diff(ours, ref) < TOL
+    assert opt.state_dict()["state"][0]["step"] == ref_opt.state_dict()["state"][0]["step"] == 10
