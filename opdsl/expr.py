@@ -242,6 +242,7 @@ class _Parser:
         self.tokens = _tokens(text)
         self.tok = next(self.tokens)
         self.hypers: set[str] = set()
+        self.reads: set[tuple[str, int | None]] = set()  # (hyper, index read, or None for the whole value)
         self.uses_step = False
         self.depth = 0
 
@@ -356,11 +357,13 @@ class _Parser:
     def hyper(self, name: str) -> _Fn:
         self.hypers.add(name)
         if not self.accept("["):
+            self.reads.add((name, None))
             return _lookup(name, f"${name}", self.text)
         if self.tok.kind != "number" or not self.tok.text.isdigit():
             raise self.error(f"expected a non-negative integer index into ${name}")
         index = int(self.advance().text)
         self.expect("]")
+        self.reads.add((name, index))
         return _indexed(name, index, self.text)
 
     def name(self, token: _Token) -> _Fn:
@@ -390,12 +393,16 @@ class _Parser:
 
 @dataclass(frozen=True)
 class Expr:
-    """A parsed expression: its source text, the hyperparameters it reads, and whether it reads ``step``."""
+    """A parsed expression: its source text, the hyperparameters it reads, and whether it reads ``step``.
+
+    ``reads`` says which part of each hyperparameter: ``("betas", 1)`` for ``$betas[1]``, ``("lr", None)``
+    for the whole value."""
 
     source: str
     hypers: frozenset[str]
     uses_step: bool
     _run: _Fn = field(repr=False, compare=False)
+    reads: frozenset[tuple[str, int | None]] = frozenset()
 
     def evaluate(self, env: Env) -> Any:
         """Value at ``env`` (hyper name -> number, bool, tuple/list, or 0-d tensor; ``"step"`` -> 1-based step).
@@ -423,7 +430,7 @@ def parse_expr(text: str) -> Expr:
     """Parse an expression; raises :class:`ExprSyntaxError` pointing at the offending column."""
     parser = _Parser(text)
     run = parser.parse()
-    return Expr(text, frozenset(parser.hypers), parser.uses_step, run)
+    return Expr(text, frozenset(parser.hypers), parser.uses_step, run, frozenset(parser.reads))
 
 
 _STEP_OR_CALL = re.compile(r"\bstep\b|\b[A-Za-z_][A-Za-z0-9_]*\s*\(")

@@ -9,7 +9,13 @@ numeric hyperparameter never recompiles. Flipping a build-time condition (``amsg
 ``momentum`` to or from 0) re-plans and compiles once per plan. A tensor-valued hyperparameter (``lr=
 torch.tensor(1e-3)``) is read on the host whenever it changes, to be range-checked: keep it on the CPU
 (torch's schedulers update it there) rather than on the GPU, where each change would wait for the device.
-Routing rules of the spec split each user group into one group per target graph.
+Routing rules of the spec split each user group into one group per target graph (``describe()`` lists
+them). A scheduler that sets absolute values sets them on every group, routes included:
+``OneCycleLR(opt, max_lr=0.02)`` over the ``muon`` spec gives its AdamW route lr 0.02 too, where the
+route's own lr is 3e-4. Give such a scheduler one value per param_group, or use a multiplicative one
+(``LambdaLR``, ``CosineAnnealingLR``, ...), which keeps each route's ratio. A value changed in a group
+whose graph does not read it (``cycle_momentum`` cycles ``betas[0]``, but Muon's graph reads
+``momentum``) and a group key that looks like a mistyped hyperparameter are each warned about once.
 
 Semantics that differ from torch.optim, on purpose:
 - ``zero_grad()`` zeroes the flat gradient buffer (``set_to_none=False`` by default): gradients stay
@@ -32,6 +38,9 @@ Semantics that differ from torch.optim, on purpose:
   ``state.clear()`` (or deleting every entry of a group) restarts that state at step 0, and a tensor put
   in place of a state is copied in; deleting the entries of only some parameters of a group is refused
   (see :mod:`opdsl.state_view`).
+- Parameters are views of flat buffers, and ``torch.save`` writes a tensor's whole storage: saving some
+  parameters (or one parameter's state) writes the whole buffer; clone what you save of a subset.
+  Saving the whole model or optimizer writes each buffer once, the same bytes as torch.
 - Parameters whose memory overlaps another's are refused: each is moved into a flat buffer. For the
   same reason one parameter can belong to one opdsl optimizer at a time: building a second over it
   moves it into the second's buffer, and the first refuses to step (torch allows two).
@@ -48,6 +57,9 @@ gradient is ``grad``, the second's ``grad2``; the returned loss is the first cal
 """
 from __future__ import annotations
 
+import difflib
+import os
+import sys
 import warnings
 from typing import Any, Callable, Iterable, Mapping
 
@@ -63,6 +75,7 @@ from opdsl.plan import (
     check_group_values,
     conditions_of,
     float_env,
+    graph_reads,
     per_param_state,
     reset_state,
     scalar_dtype,
@@ -135,6 +148,10 @@ class Optimizer(torch.optim.Optimizer):
         self._skipped: torch.Tensor | None = None
         self._clocks: list[StepClock] = []
         self._warned_no_gradient = False
+        self._warned_unread: set[tuple[str, str]] = set()  # (graph, group key) warned about once
+        self._warned_typos: set[str] = set()
+        self._reads: list[frozenset[tuple[str, int | None]]] = []  # per group: what its graph reads
+        self._key_counts: list[int] = []  # per group: len(group) when its keys were last looked at
         self._first_written = False  # grad2 specs: whether the closure's first call wrote a gradient
         self._building = False
 
@@ -180,13 +197,17 @@ class Optimizer(torch.optim.Optimizer):
         if not params:
             raise ValueError("a parameter group needs at least one parameter")
         seen = {id(p) for g in self.param_groups for p in g["params"]}
+        here: set[int] = set()
         for p in params:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"optimizer params must be Tensors, got {type(p).__name__}")
             if not p.is_leaf:
                 raise ValueError(f"can't optimize a non-leaf Tensor ({self._name(p)})")
+            if id(p) in here:
+                raise ValueError(f"parameter {self._name(p)} appears twice in one parameter group; list it once")
             if id(p) in seen:
                 raise ValueError(f"parameter {self._name(p)} appears in more than one parameter group")
+            here.add(id(p))
             seen.add(id(p))
         explicit = {k: _normalize(k, v) for k, v in param_group.items() if k not in ("params", "param_names")}
         for key, route_params, route in self._split_by_route(params):
@@ -231,10 +252,9 @@ class Optimizer(torch.optim.Optimizer):
             )
         named_rules = [r for r in self.spec.groups if r.match.needs_names]
         if named_rules and not any(id(p) in self._names for p in params):
-            warnings.warn(
+            _warn_user(
                 f"spec {self.spec.name!r} routes by parameter name but the parameters came without names; "
-                "pass model.named_parameters()",
-                stacklevel=3,
+                "pass model.named_parameters()"
             )
         for label, route_params in routed.items():
             yield label.split("#")[0], route_params, routes[label]
@@ -259,6 +279,8 @@ class Optimizer(torch.optim.Optimizer):
         self._buckets = build_buckets(self.spec, self.param_groups, self._names, self._hyper_names, old_flats)
         self._envs = {}
         self._seen = [{} for _ in self.param_groups]
+        self._reads = [graph_reads(self.spec, g["graph"]) for g in self.param_groups]
+        self._key_counts = [0] * len(self.param_groups)
         self._conditions = [
             conditions_of(self.spec, g["graph"], float_env(g, self._hyper_names)) for g in self.param_groups
         ]
@@ -329,10 +351,17 @@ class Optimizer(torch.optim.Optimizer):
         """Copy changed group values into the 0-d tensors the step reads; re-plan if a condition flips."""
         replan = False
         for gi, group in enumerate(self.param_groups):
+            if len(group) != self._key_counts[gi]:
+                self._key_counts[gi] = len(group)
+                self._warn_mistyped_keys(gi, group)
             seen = self._seen[gi]
             changed = [k for k in self._hyper_names if force or seen.get(k, _UNSET) != _mark(group[k])]
             if not changed:
                 continue
+            if not force:
+                for k in changed:
+                    if k in seen and _unread_change(k, seen[k], _mark(group[k]), self._reads[gi]):
+                        self._warn_unread(gi, group, k)
             env = float_env(group, self._hyper_names)
             check_group_values(self.spec, group["graph"], env, f"param_groups[{gi}]")
             if not force and conditions_of(self.spec, group["graph"], env) != self._conditions[gi]:
@@ -421,17 +450,49 @@ class Optimizer(torch.optim.Optimizer):
             raise FloatingPointError("a gradient holds inf or NaN; the step was skipped (parameters and state unchanged)")
         return loss
 
+    def _warn_unread(self, gi: int, group: Mapping[str, Any], key: str) -> None:
+        """A value changed that the group's graph never reads: say so once per graph and key."""
+        graph = group["graph"]
+        if (graph, key) in self._warned_unread:
+            return
+        self._warned_unread.add((graph, key))
+        reads = self._reads[gi]
+        read = ", ".join(f"{n}[{i}]" if i is not None else n for n, i in sorted(reads, key=lambda r: (r[0], r[1] or -1)))
+        hint = ""
+        if key == "betas" and any(n == "momentum" for n, _ in reads):
+            hint = (
+                " torch's schedulers with cycle_momentum=True cycle betas[0] whenever the optimizer has `betas`; "
+                "this graph's momentum is `momentum`: pass cycle_momentum=False, or set group['momentum'] yourself."
+            )
+        _warn_user(
+            f"param_groups[{gi}][{key!r}] changed, but graph {graph!r} of spec {self.spec.name!r}, which this group "
+            f"follows, does not read what changed, so the change has no effect (it reads: {read}).{hint} "
+            "This warning is shown once per graph and key."
+        )
+
+    def _warn_mistyped_keys(self, gi: int, group: Mapping[str, Any]) -> None:
+        """A group key close to a hyperparameter's name is probably a typo that would be silently ignored."""
+        for key in group:
+            if key in self._hyper_names or key in _GROUP_KEYS or key in self._warned_typos:
+                continue
+            close = difflib.get_close_matches(key, self._hyper_names, n=1, cutoff=0.8)
+            if close:
+                self._warned_typos.add(key)
+                _warn_user(
+                    f"param_groups[{gi}] has a key {key!r}, which spec {self.spec.name!r} does not read (did you mean "
+                    f"{close[0]!r}?); it is kept, as torch keeps any key, and has no effect"
+                )
+
     def _warn_no_gradient(self) -> None:
         """step() found no gradient written since the buffers were zeroed: torch would see every .grad None."""
         if self._warned_no_gradient:
             return
         self._warned_no_gradient = True
-        warnings.warn(
+        _warn_user(
             "opdsl.Optimizer.step() found no gradient written since the optimizer was built or zero_grad() "
             "was called, so it stepped nothing, as torch.optim does when every .grad is None. (A gradient "
             "written only through `p.grad.data` is not seen: write `p.grad` in place or assign it.) "
-            "This warning is shown once.",
-            stacklevel=3,
+            "This warning is shown once."
         )
 
     def _two_gradients(self, closure: Callable[[], Any]) -> Any:
@@ -570,10 +631,9 @@ class Optimizer(torch.optim.Optimizer):
                 f"but this optimizer runs spec {self.spec.name!r} (digest {self.spec.digest})"
             )
         if meta.get("digest") != self.spec.digest:
-            warnings.warn(
+            _warn_user(
                 f"spec {self.spec.name!r} changed since this state_dict was saved (digest {meta.get('digest')} -> "
-                f"{self.spec.digest}); loading state by node name",
-                stacklevel=2,
+                f"{self.spec.digest}); loading state by node name"
             )
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
@@ -617,6 +677,10 @@ class Optimizer(torch.optim.Optimizer):
 
 
 _UNSET = object()
+# keys a group holds besides hyperparameters: opdsl's own and those torch's schedulers add
+_GROUP_KEYS = frozenset(
+    {"params", "param_names", "graph", "initial_lr", "max_lr", "min_lr", "base_lr", "max_momentum", "base_momentum", "swa_lr"}
+)
 _KEPT_STEPS = 8  # compiled steps kept per optimizer (plans a run flips between)
 
 
@@ -652,6 +716,35 @@ def _mark(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return (type(value), tuple(_mark(v) for v in value))
     return (type(value), value)
+
+
+_INTERNAL_DIRS = tuple(os.path.dirname(f) + os.sep for f in (__file__, torch.__file__))
+
+
+def _warn_user(message: str) -> None:
+    """Warn at the user's line: the first caller outside opdsl and torch (whose wrappers around ``step``
+    vary in depth)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
+
+
+def _unread_change(key: str, old: Any, new: Any, reads: frozenset[tuple[str, int | None]]) -> bool:
+    """Whether a value changed (marks ``old`` -> ``new``) only where the graph does not read it."""
+    if (key, None) in reads:
+        return False
+    indices = {i for name, i in reads if name == key}
+    if not indices:
+        return True
+    if not (_is_sequence_mark(old) and _is_sequence_mark(new) and len(old[1]) == len(new[1])):
+        return False
+    changed = {i for i, (a, b) in enumerate(zip(old[1], new[1])) if a != b}
+    return not changed & indices
+
+
+def _is_sequence_mark(mark: Any) -> bool:
+    return isinstance(mark, tuple) and mark[0] in (tuple, list)
 
 
 def _normalize(name: str, value: Any) -> Any:

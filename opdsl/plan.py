@@ -127,6 +127,17 @@ def conditions_of(spec: Spec, graph: str, env: Mapping[str, Any]) -> tuple[bool,
     )
 
 
+def graph_reads(spec: Spec, graph: str) -> frozenset[tuple[str, int | None]]:
+    """What a graph reads of the hyperparameters, in any plan: ``lr`` (the step size of its output) and
+    what its nodes' fields and conditions name, as ``(name, index)`` (index None: the whole value)."""
+    reads = {("lr", None)}
+    for block in spec.graphs[graph].nodes.values():
+        for _, value in [*block.scalar_fields(), *block.conditions()]:
+            if isinstance(value, Expr):
+                reads |= value.reads
+    return frozenset(reads)
+
+
 def check_group_values(spec: Spec, graph: str, env: Mapping[str, Any], where: str) -> None:
     """Range-check every block field at a group's hyperparameter values."""
     problems = [problem] if "lr" in env and (problem := lr_problem(env["lr"])) else []

@@ -109,6 +109,12 @@ def test_hypers_and_uses_step(text, hypers, uses_step):
     assert expr.uses_step is uses_step
 
 
+def test_reads_say_which_element_of_a_hyperparameter():
+    """What a scheduler's change of one element (betas[0]) is checked against."""
+    assert parse_expr("$betas[1] * $lr + $betas[1]").reads == {("betas", 1), ("lr", None)}
+    assert parse_expr("$betas[0] + $betas[1]").reads == {("betas", 0), ("betas", 1)}
+
+
 # ---- tensors -------------------------------------------------------------------------------------------
 
 

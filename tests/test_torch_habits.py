@@ -4,6 +4,7 @@ overlap in memory. Each is checked against torch.optim doing the same, side by s
 from __future__ import annotations
 
 import copy
+import warnings
 import pickle
 
 import pytest
@@ -298,3 +299,50 @@ def test_step_with_no_gradient_written_steps_nothing_as_in_torch():
     lockstep([(ours, opt), (ref, ref_opt)], 3, start=6)
     assert max_rel_diff(ours, ref) < TOL
     assert opt.state_dict()["state"][0]["step"] == ref_opt.state_dict()["state"][0]["step"] == 10
+
+
+def _opdsl_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "opdsl" in str(w.message) or "spec " in str(w.message)]
+
+
+def test_a_scheduler_changing_a_value_the_graph_does_not_read_is_warned_once():
+    """torch's schedulers cycle betas[0] whenever the optimizer has `betas`. Muon's matrix graph reads
+    `momentum`, so OneCycleLR's default momentum cycling would silently do nothing there."""
+    model = nn.Sequential(nn.Linear(8, 16, bias=False), nn.Tanh(), nn.Linear(16, 4))
+    opt = opdsl.Optimizer(model.named_parameters(), "muon", lr=0.02, compile=False)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.02, total_steps=10)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            model(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+    unread = [m for m in _opdsl_warnings(record) if "does not read" in m]
+    assert len(unread) == 1 and "param_groups[0]['betas']" in unread[0] and "cycle_momentum=False" in unread[0]
+    assert unread and record[0].filename == __file__  # at the user's line, not inside opdsl or torch
+
+
+def test_a_scheduler_changing_what_the_graph_reads_is_not_warned():
+    model = make_model("mlp")
+    opt = opdsl.Optimizer(model.parameters(), "adamw", compile=False)  # reads betas[0]: cycled as intended
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.02, total_steps=10)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        lockstep([(model, opt)], 2)
+        sched.step()
+        lockstep([(model, opt)], 1)
+    assert not _opdsl_warnings(record)
+
+
+def test_a_mistyped_group_key_is_warned_and_a_duplicate_parameter_named():
+    model = make_model("mlp")
+    with pytest.warns(UserWarning, match="'weight_dacay'.*did you mean 'weight_decay'"):
+        opdsl.Optimizer([{"params": model.parameters(), "weight_dacay": 0.1, "name": "body"}], compile=False)
+    opt = opdsl.Optimizer(model.parameters(), compile=False)
+    opt.param_groups[0]["amsgrd"] = True  # mid-run, as a user edits a group
+    with pytest.warns(UserWarning, match="'amsgrd'.*did you mean 'amsgrad'"):
+        lockstep([(model, opt)], 1)
+    weight = model[0].weight
+    with pytest.raises(ValueError, match="appears twice in one parameter group"):
+        opdsl.Optimizer([weight, weight], compile=False)
