@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field, FiniteFloat
 
 from opdsl.blocks.base import Block, Ref, Scope
 
@@ -55,9 +56,9 @@ class Orthogonalize(Block):
 
     block: Literal["orthogonalize"]
     input: Ref
-    steps: int = 5
-    coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
-    eps: float = 1e-7
+    steps: int = Field(5, ge=0, description="Newton-Schulz iterations (0: the normalized input alone)")
+    coefficients: tuple[FiniteFloat, FiniteFloat, FiniteFloat] = (3.4445, -4.7750, 2.0315)
+    eps: float = Field(1e-7, ge=0.0, allow_inf_nan=False)
     normalize: Literal["clamp", "add"] = "clamp"
     dtype: Literal["bfloat16", "float16", "float32", "float64", "input"] = "bfloat16"
 

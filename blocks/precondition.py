@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 
 from opdsl.blocks.base import Block, Ref, scalar
 from opdsl.blocks.scalar_ops import as_weight
@@ -43,7 +44,7 @@ class Precondition(Block):
     input: Ref
     second_moment: Ref
     exponent: Literal[0.5, 1.0] = 0.5
-    power: float = 0.5
+    power: float = Field(0.5, allow_inf_nan=False)
     beta: scalar(ge=0.0, lt=1.0) | None = None
     eps: scalar(ge=0.0) = 1e-8
 

@@ -332,10 +332,13 @@ class _SpecBuilder:
 
     def _check_at(self, hyper: dict, context: str, path: tuple, nname: str, block) -> None:
         """Every field and condition of a node evaluated at one set of hyperparameter values."""
-        env = {**hyper, "step": 1.0}
-        for field, message in block.problems_at(lambda v: v.evaluate(env) if isinstance(v, Expr) else v):
-            if field is None and message.startswith("field '"):
-                field = message.split("'")[1]
+        def evaluate_at(step: float):
+            env = {**hyper, "step": step}
+            return lambda v: v.evaluate(env) if isinstance(v, Expr) else v
+
+        for field, message in block.problems_over_steps(evaluate_at):
+            if field is None and "field '" in message:
+                field = message.split("field '")[1].split("'")[0]
             self.problem(path + ((field.split("[")[0],) if field else ()), f"node {nname!r}: {message} (at {context})")
 
     # ---- message helpers ------------------------------------------------------------------------------
@@ -351,13 +354,20 @@ class _SpecBuilder:
         self.problem(path, f"unknown {what} {ref!r}; {suggestion}defined: {', '.join(valid) or 'none'}", key=key)
 
     def _pydantic_problems(self, err: ValidationError, base: tuple, model, context: str | None = None) -> None:
+        short: set[tuple] = set()  # fixed-length lists already reported as too short
         for item in err.errors():
             path = self._data_path(base, item["loc"])
             field = ".".join(str(p) for p in path[len(base):]) or "value"
             where = f"{context}, field {field!r}" if context else f"{field!r}"
             if item["type"] == "extra_forbidden":
-                owner = _owner_fields(model, path[len(base):-1])
-                self._unknown_key(path, str(path[-1]), owner, context or "the spec")
+                inside = path[len(base):-1]
+                owner = _owner_fields(model, inside)
+                what = context or (f"`{_dotted(inside)}`" if inside else "the spec")
+                self._unknown_key(path, str(path[-1]), owner, what)
+            elif item["type"] == "missing" and item["loc"] and isinstance(item["loc"][-1], int):
+                if path not in short:  # an item of a fixed-length list (one report per list)
+                    short.add(path)
+                    self.problem(path, f"{where} has too few items: item {item['loc'][-1]} (counting from 0) is missing")
             elif item["type"] == "missing":
                 self.problem(path[:-1] if len(path) > len(base) else path, f"{where} is required")
             else:
@@ -408,10 +418,17 @@ def _is_union_label(part: str) -> bool:
     return any(ch in part for ch in "[]()") or part in {"int", "float", "str", "bool", "tuple", "list", "none"} or part.startswith("function-")
 
 
+def _dotted(path: tuple) -> str:
+    """A document path as written in a spec: ``groups[0].match``."""
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(path))
+
+
 def _owner_fields(model, path: tuple) -> list[str]:
     """Field names of the (sub)model an unknown key was found in."""
     current = model
     for part in path:
+        if isinstance(part, int):  # an item of a list field: the list's item model holds it
+            continue
         info = getattr(current, "model_fields", {}).get(part)
         if info is None:
             break
