@@ -56,6 +56,13 @@ class Scope(str, Enum):
     GLOBAL = "global"  # one reduction over every parameter the graph owns, across buckets
 
 
+# Steps at which a field that reads ``step`` is range-checked besides step 1: every step to 100, then eight
+# per decade to 1e9 (a field's value at the steps between is not proven; these catch a drift out of range).
+STEP_SAMPLES: tuple[int, ...] = (
+    *range(2, 101), *sorted({round(10 ** (2 + k / 8)) for k in range(1, 57)})
+)
+
+
 class StateKind(str, Enum):
     ELEMENTWISE = "elementwise"  # one flat buffer shaped like the bucket's parameters
     TENSOR = "tensor"  # one tensor per parameter, shape given by ``StateSpec.shape``
@@ -175,6 +182,26 @@ class Block(BaseModel):
                 text = str(err) if str(err).startswith("cannot evaluate") else f"cannot evaluate {name!r}: {err}"
                 problems.append((name, text))
         return problems or [(None, message) for message in self.check_values(evaluate)]
+
+    def step_field_hypers(self) -> frozenset[str] | None:
+        """The hyperparameters read by the fields that also read ``step``; None if no field reads ``step``."""
+        exprs = [v for _, v in self.scalar_fields() if isinstance(v, Expr) and v.uses_step]
+        return frozenset().union(*(e.hypers for e in exprs)) if exprs else None
+
+    def problems_over_steps(
+        self, evaluate_at: Callable[[float], Callable[[Scalar], Any]], steps: Iterable[int] = ()
+    ) -> list[tuple[str | None, str]]:
+        """:meth:`problems_at` at step 1, then, if a field reads ``step``, at each of ``steps`` (default
+        :data:`STEP_SAMPLES`) until one has a problem: ``step / 4`` as an EMA's beta is fine at step 1 and
+        leaves [0, 1] at step 5."""
+        problems = self.problems_at(evaluate_at(1.0))
+        if problems or self.step_field_hypers() is None:
+            return problems
+        for step in steps or STEP_SAMPLES:
+            later = self.problems_at(evaluate_at(float(step)))
+            if later:
+                return [(field, f"at step {step}: {message}") for field, message in later]
+        return []
 
     def check_values(self, evaluate: Callable[[Scalar], Any]) -> list[str]:
         """Check every scalar field at concrete hyperparameter values (a finite number, in its range).

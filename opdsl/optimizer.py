@@ -72,7 +72,7 @@ from opdsl.loader import load_spec
 from opdsl.plan import (
     Bucket,
     build_buckets,
-    check_group_values,
+    GroupValueCheck,
     conditions_of,
     float_env,
     graph_reads,
@@ -148,6 +148,7 @@ class Optimizer(torch.optim.Optimizer):
         self._skipped: torch.Tensor | None = None
         self._clocks: list[StepClock] = []
         self._warned_no_gradient = False
+        self._value_checks: dict[str, GroupValueCheck] = {}  # by graph name
         self._warned_unread: set[tuple[str, str]] = set()  # (graph, group key) warned about once
         self._warned_typos: set[str] = set()
         self._reads: list[frozenset[tuple[str, int | None]]] = []  # per group: what its graph reads
@@ -363,7 +364,9 @@ class Optimizer(torch.optim.Optimizer):
                     if k in seen and _unread_change(k, seen[k], _mark(group[k]), self._reads[gi]):
                         self._warn_unread(gi, group, k)
             env = float_env(group, self._hyper_names)
-            check_group_values(self.spec, group["graph"], env, f"param_groups[{gi}]")
+            graph = group["graph"]
+            check = self._value_checks.get(graph) or self._value_checks.setdefault(graph, GroupValueCheck(self.spec, graph))
+            check(env, f"param_groups[{gi}]", None if force else changed)
             if not force and conditions_of(self.spec, group["graph"], env) != self._conditions[gi]:
                 replan = True
             for (g, device), tensors in self._envs.items():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -19,7 +19,7 @@ from opdsl.errors import BindError
 from opdsl.expr import Expr
 from opdsl.spec import Spec, hyper_value, lr_problem
 
-__all__ = ["Bucket", "build_buckets", "scalar_dtype", "scalar_slot", "conditions_of", "check_group_values", "float_env"]
+__all__ = ["Bucket", "build_buckets", "scalar_dtype", "scalar_slot", "conditions_of", "GroupValueCheck", "float_env"]
 
 
 def scalar_dtype(device: torch.device) -> torch.dtype:
@@ -138,14 +138,49 @@ def graph_reads(spec: Spec, graph: str) -> frozenset[tuple[str, int | None]]:
     return frozenset(reads)
 
 
-def check_group_values(spec: Spec, graph: str, env: Mapping[str, Any], where: str) -> None:
-    """Range-check every block field at a group's hyperparameter values."""
-    problems = [problem] if "lr" in env and (problem := lr_problem(env["lr"])) else []
-    evaluate = lambda v: v.evaluate(env) if isinstance(v, Expr) else v  # noqa: E731
-    for name, block in spec.graphs[graph].nodes.items():
-        problems += [f"node {name!r}: {message}" for _, message in block.problems_at(evaluate)]
-    if problems:
-        raise ValueError(f"{where} of spec {spec.name!r} has invalid hyperparameters:\n  " + "\n  ".join(problems))
+class GroupValueCheck:
+    """Range checks of one graph's fields at a group's hyperparameter values.
+
+    Built once per graph: a later check re-runs only the nodes whose fields read a changed value, so a
+    scheduler changing ``lr`` every step (read by no node) costs the lr check alone. Fields that read
+    ``step`` are checked at later steps too (:meth:`Block.problems_over_steps`) when a value they read
+    changed.
+    """
+
+    def __init__(self, spec: Spec, graph: str):
+        self.spec_name = spec.name
+        self.nodes = [
+            (name, block, _field_hypers(block), block.step_field_hypers())
+            for name, block in spec.graphs[graph].nodes.items()
+        ]
+
+    def __call__(self, env: Mapping[str, Any], where: str, changed: Iterable[str] | None = None) -> None:
+        """Raise a ValueError naming every problem; ``changed`` None checks every node."""
+        changed = None if changed is None else frozenset(changed)
+        problems = []
+        if "lr" in env and (changed is None or "lr" in changed) and (problem := lr_problem(env["lr"])):
+            problems.append(problem)
+
+        def evaluate_at(step: float):
+            at = {**env, "step": step}
+            return lambda v: v.evaluate(at) if isinstance(v, Expr) else v
+
+        for name, block, reads, step_reads in self.nodes:
+            if changed is not None and not reads & changed:
+                continue  # its values are those checked before
+            if step_reads is not None and (changed is None or step_reads & changed):
+                found = block.problems_over_steps(evaluate_at)
+            else:
+                found = block.problems_at(evaluate_at(1.0))
+            problems += [f"node {name!r}: {message}" for _, message in found]
+        if problems:
+            raise ValueError(f"{where} of spec {self.spec_name!r} has invalid hyperparameters:\n  " + "\n  ".join(problems))
+
+
+def _field_hypers(block: Any) -> frozenset[str]:
+    """Every hyperparameter a node's fields and conditions read."""
+    exprs = [v for _, v in [*block.scalar_fields(), *block.conditions()] if isinstance(v, Expr)]
+    return frozenset().union(*(e.hypers for e in exprs))
 
 
 def _init_state(spec: StateSpec, flat: FlatBuffers) -> Any:
@@ -219,7 +254,7 @@ def build_buckets(
     for gi, group in enumerate(param_groups):
         graph = group["graph"]
         env = float_env(group, hyper_names)
-        check_group_values(spec, graph, env, f"param_groups[{gi}]")
+        GroupValueCheck(spec, graph)(env, f"param_groups[{gi}]")
         program = build_program(graph, spec.graphs[graph], decider(env))
         programs.append(program)
         for k, p in enumerate(group["params"]):

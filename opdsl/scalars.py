@@ -6,9 +6,11 @@ change, against the concrete values of each parameter group.
 """
 from __future__ import annotations
 
+import functools
 import math
+from types import MappingProxyType
 from dataclasses import dataclass
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, Mapping, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BeforeValidator, PlainSerializer, WithJsonSchema
 
@@ -135,12 +137,14 @@ Condition = Annotated[
 ]
 
 
-def condition_fields(model: type) -> list[str]:
+@functools.cache  # per class: read on every hyperparameter change
+def condition_fields(model: type) -> tuple[str, ...]:
     """Names of a model's build-time condition fields, in declaration order."""
-    return [name for name, info in model.model_fields.items() if any(m is BUILD_TIME for m in info.metadata)]
+    return tuple(name for name, info in model.model_fields.items() if any(m is BUILD_TIME for m in info.metadata))
 
 
-def scalar_ranges(model: type) -> dict[str, ScalarRange]:
+@functools.cache
+def scalar_ranges(model: type) -> Mapping[str, ScalarRange]:
     """Field name -> bounds, for every scalar field of a pydantic model class (optional ones included)."""
     out = {}
     for name, info in model.model_fields.items():
@@ -149,4 +153,4 @@ def scalar_ranges(model: type) -> dict[str, ScalarRange]:
         for meta in [*info.metadata, *(m for a in annotated for m in a.__metadata__)]:
             if isinstance(meta, ScalarRange):
                 out[name] = meta
-    return out
+    return MappingProxyType(out)

@@ -1,6 +1,7 @@
 """Every kind of bad spec gives one clear, located error (never a traceback from inside opdsl)."""
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pytest
@@ -315,3 +316,58 @@ def test_problems_in_a_used_file_name_the_route_that_uses_it(tmp_path):
     found = [str(p) for p in info.value.problems]
     assert len(found) == 1 and found[0].startswith(f"{spec}:11:10: in `use: other.yaml`: {tmp_path / 'other.yaml'}:7:"), found
     assert "out of range" in found[0]
+
+
+STEPPED = GOOD.replace("beta: 0.9", "k: 0.001").replace("beta: $beta", 'beta: "step * $k"')
+
+
+def test_a_field_that_reads_step_is_range_checked_at_later_steps_too():
+    """`step * $k` is a fine beta at step 1 and leaves [0, 1] after step 1000: refused where written, naming
+    a sampled step where it is out of range, at load, at construction and when a value it reads changes."""
+    found = problems(STEPPED)
+    assert len(found) == 1 and "spec.yaml:7:" in found[0] and "<= 1" in found[0]
+    step = int(re.search(r"at step (\d+): field 'beta'", found[0]).group(1))
+    assert step * 0.001 > 1 and (step - 1) * 0.001 <= 1.4  # the first sampled step past it, not a distant one
+    spec = opdsl.load_spec("spec.yaml", text=STEPPED.replace("k: 0.001", "k: 0.0"))
+    with pytest.raises(ValueError, match=r"at step \d+: field 'beta'"):
+        opdsl.Optimizer([torch.nn.Parameter(torch.zeros(2))], spec, k=0.01, compile=False)
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = opdsl.Optimizer([param], spec, compile=False)
+    param.grad = torch.ones(2)
+    opt.param_groups[0]["lr"] = 0.5
+    opt.step()
+    opt.param_groups[0]["k"] = 1e-6  # beta 1e-6 at step 1, past 1 from step 1_000_001
+    with pytest.raises(ValueError, match=r"(?s)param_groups\[0\].*at step \d+: field 'beta'"):
+        opt.step()
+
+
+ORTHO = """\
+opdsl: 1
+name: o
+hyper: {lr: 0.1}
+nodes:
+  o: {block: orthogonalize, input: grad, FIELDS}
+output: o
+groups:
+  - match: {ndim: 2}
+"""
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ("steps: -1", "field 'steps': Input should be greater than or equal to 0"),
+        ("eps: -1.0", "field 'eps': Input should be greater than or equal to 0"),
+        ("eps: .inf", "field 'eps': Input should be a finite number"),
+        ("coefficients: [1.0]", "field 'coefficients' has too few items: item 1 (counting from 0) is missing"),
+    ],
+)
+def test_orthogonalize_fields_are_checked_where_written(fields, expected):
+    found = problems(ORTHO.replace("FIELDS", fields))
+    assert len(found) == 1 and found[0].startswith("spec.yaml:5:") and expected in found[0]
+
+
+def test_unknown_match_criterion_lists_the_match_fields():
+    found = problems(ORTHO.replace("FIELDS", "steps: 5").replace("ndim: 2", "ndims: 2"))
+    assert len(found) == 1 and "spec.yaml:8:" in found[0]
+    assert "unknown field 'ndims' in `groups[0].match`; did you mean 'ndim'? valid fields: ndim, shape, name" in found[0]
