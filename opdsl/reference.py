@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+from typing import Literal, get_args, get_origin
 
 from opdsl.blocks import BLOCKS
 from opdsl.scalars import scalar_ranges
@@ -12,17 +13,42 @@ __all__ = ["blocks_markdown"]
 _SKIP = {"block", "rule", "when", "otherwise"}
 
 
+_BOUNDS = (("ge", "{} <= "), ("gt", "{} < "), ("le", " <= {}"), ("lt", " < {}"))
+
+
+def _bounds(info) -> str:
+    """A plain field's range: its pydantic bounds, or the values a Literal allows."""
+    if get_origin(info.annotation) is Literal:
+        return "one of " + ", ".join(f"`{v}`" for v in get_args(info.annotation))
+    lower = upper = ""
+    for meta in info.metadata:
+        for attr, form in _BOUNDS:
+            if getattr(meta, attr, None) is not None:
+                text = form.format(f"{getattr(meta, attr):g}")
+                lower, upper = (text, upper) if attr in ("ge", "gt") else (lower, text)
+    finite = any(getattr(meta, "allow_inf_nan", None) is False for meta in info.metadata)
+    return f"{lower}value{upper}" if lower or upper else "finite" if finite else ""
+
+
 def _field_rows(cls) -> list[str]:
     ranges = scalar_ranges(cls)
     rows = []
     for name, info in cls.model_fields.items():
         if name in _SKIP:
             continue
-        default = "required" if info.is_required() else repr(info.default)
+        default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
         kind = "input" if name in cls.PORTS else "value"
-        bounds = ranges[name].describe() if name in ranges else ""
+        bounds = ranges[name].describe() if name in ranges else _bounds(info)
         rows.append(f"| `{info.alias or name}` | {kind} | {default} | {bounds} |")
     return rows
+
+
+def _prev_line(cls) -> str:
+    """What ``node@prev`` reads of a block: its primary state as the previous step left it."""
+    if cls.PRIMARY_STATE is None:
+        return "`node@prev`: not available (the block keeps no state)."
+    needs = f" ({cls.PREV_NEEDS})" if cls.PREV_NEEDS else ""
+    return f"`node@prev` reads its state `{cls.PRIMARY_STATE}` as the previous step left it{needs}."
 
 
 def blocks_markdown() -> str:
@@ -46,5 +72,5 @@ def blocks_markdown() -> str:
         for rule, cls in family.items():
             title = f"rule `{rule}`: " if rule is not None else ""
             out.append(f"**{title}{inspect.getdoc(cls).splitlines()[0]}**")
-            out += ["", "| field | kind | default | range |", "|---|---|---|---|", *_field_rows(cls), ""]
+            out += ["", "| field | kind | default | range |", "|---|---|---|---|", *_field_rows(cls), "", _prev_line(cls), ""]
     return "\n".join(out) + "\n"
