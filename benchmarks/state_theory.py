@@ -148,6 +148,9 @@ THEORY: dict[str, Theory] = {
     "adagrad": Theory(
         "S = sum of g^2, full-size; lr_decay and the initial value need no state (algorithms.md §7: AdaGrad)",
         full(1)),
+    "adamax": Theory(
+        "m and the running maximum u = max(b2 u, |g| + eps), both full-size (torch.optim.Adamax's update rule)",
+        full(2)),
     "adagrad-norm": Theory(
         "one global scalar b^2 = b_0^2 + sum ||g||^2 (algorithms.md §7: AdaGrad-Norm)",
         scalars(1)),

@@ -108,6 +108,8 @@ class Block(BaseModel):
 
     PORTS: ClassVar[tuple[str, ...]] = ("input",)
     PRIMARY_STATE: ClassVar[str | None] = None
+    PREV_NEEDS: ClassVar[str | None] = None  # what makes a block keep its primary state, where it may not
+    TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ()  # fields holding an expression over tensors, not a scalar
     CARRIES_NONFINITE: ClassVar[str | None] = None
 
     # ---- declarations -------------------------------------------------------------------------------
@@ -161,7 +163,7 @@ class Block(BaseModel):
 
     def scalar_fields(self) -> Iterable[tuple[str, Scalar]]:
         for name in type(self).model_fields:
-            if name == "when":
+            if name == "when" or name in self.TENSOR_FIELDS:
                 continue
             value = getattr(self, name)
             if isinstance(value, (Expr, float, int)) and not isinstance(value, bool):
@@ -182,6 +184,21 @@ class Block(BaseModel):
                 text = str(err) if str(err).startswith("cannot evaluate") else f"cannot evaluate {name!r}: {err}"
                 problems.append((name, text))
         return problems or [(None, message) for message in self.check_values(evaluate)]
+
+    def tensor_expressions(self) -> list[tuple[str, Expr]]:
+        """(field, expression) of expressions over tensors (``TENSOR_FIELDS``: the ``map`` block's ``expr``):
+        their hyperparameters are checked and read like a scalar field's, but they have no value to
+        range-check before the step."""
+        return [(name, getattr(self, name)) for name in self.TENSOR_FIELDS]
+
+    def expressions(self) -> list[tuple[str, Expr]]:
+        """Every expression of the node: scalar fields, conditions (``when`` for ``if``), tensor expressions."""
+        fields = [*self.scalar_fields(), *self.conditions(), *self.tensor_expressions()]
+        return [(name, value) for name, value in fields if isinstance(value, Expr)]
+
+    def has_prev(self) -> bool:
+        """Whether ``node@prev`` can read this node: it keeps its primary state in this configuration."""
+        return self.PRIMARY_STATE is not None and self.PRIMARY_STATE in self.state_specs()
 
     def step_field_hypers(self) -> frozenset[str] | None:
         """The hyperparameters read by the fields that also read ``step``; None if no field reads ``step``."""

@@ -15,8 +15,12 @@ Grammar, loosest binding first (as in Python; comparisons do not chain)::
     product    := unary (("*" | "/") unary)*
     unary      := ("-" | "+") unary | power
     power      := atom ("**" unary)?
-    atom       := NUMBER | "$" NAME ("[" INT "]")? | "step" | "true" | "false"
+    atom       := NUMBER | "$" NAME ("[" INT "]")? | "step" | "true" | "false" | VARIABLE
                 | FUNCTION "(" or_expr ("," or_expr)* ")" | "(" or_expr ")"
+
+``VARIABLE`` is one of the names given to :func:`parse_expr` (the ``map`` block's tensor inputs); scalar
+fields have none. Functions: ``sqrt exp log abs sign`` (one argument), ``min max`` (two), ``where(c, a,
+b)`` (``a`` where ``c`` holds, else ``b``).
 """
 from __future__ import annotations
 
@@ -24,12 +28,12 @@ import math
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Expr", "ExprSyntaxError", "ExprEvalError", "MissingHyperError", "parse_expr", "is_expr", "MAX_DEPTH"]
+__all__ = ["Expr", "ExprSyntaxError", "ExprEvalError", "MissingHyperError", "parse_expr", "is_expr", "MAX_DEPTH", "RESERVED_NAMES"]
 
 #: Deeper nesting (parentheses, calls, prefix operators) is refused; it bounds parser and evaluator recursion.
 MAX_DEPTH = 32
@@ -87,6 +91,19 @@ def _extremum(
     return apply
 
 
+def _sign(value: float) -> float:
+    return 0.0 if value == 0 else math.copysign(1.0, value)
+
+
+def _where(condition: Any, a: Any, b: Any) -> Any:
+    """``a`` where ``condition`` holds, else ``b``: elementwise once a tensor is involved."""
+    if not any(isinstance(v, Tensor) for v in (condition, a, b)):
+        return a if condition else b
+    if not isinstance(condition, Tensor):
+        condition = torch.as_tensor(bool(condition))
+    return torch.where(condition.bool(), a, b)
+
+
 def _not(value: Any) -> Any:
     return torch.logical_not(value) if isinstance(value, Tensor) else not value
 
@@ -97,9 +114,14 @@ _FUNCTIONS: dict[str, tuple[int, Callable[..., Any]]] = {
     "exp": (1, _math(math.exp, torch.exp)),
     "log": (1, _math(math.log, torch.log)),
     "abs": (1, _math(abs, torch.abs)),
+    "sign": (1, _math(_sign, torch.sign)),
+    "where": (3, _where),
     "min": (2, _extremum(min, torch.minimum, "max")),
     "max": (2, _extremum(max, torch.maximum, "min")),
 }
+#: Names an expression reserves: a name given to :func:`parse_expr` as a variable must not be one of them.
+RESERVED_NAMES = frozenset({"step", "true", "false", "and", "or", "not", *_FUNCTIONS})
+
 _BINARY: dict[str, Callable[[Any, Any], Any]] = {
     "+": operator.add,
     "-": operator.sub,
@@ -237,8 +259,9 @@ def _describe(token: _Token) -> str:
 class _Parser:
     """Recursive descent over :data:`_TOKEN` tokens, producing closures directly."""
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, variables: frozenset[str] = frozenset()):
         self.text = text
+        self.variables = variables
         self.tokens = _tokens(text)
         self.tok = next(self.tokens)
         self.hypers: set[str] = set()
@@ -372,10 +395,13 @@ class _Parser:
             return _lookup("step", "step", self.text)
         if token.text in ("true", "false"):
             return _constant(token.text == "true")
+        if token.text in self.variables:
+            return _lookup(token.text, token.text, self.text)
         if token.text not in _FUNCTIONS:
             what = "function" if self.tok.text == "(" else "name"
             hint = "" if what == "function" else f" (a hyperparameter is written ${token.text})"
-            raise ExprSyntaxError(f"unknown {what} {token.text!r}{hint}; {_ALLOWED}", token.col)
+            inputs = f"; inputs: {', '.join(sorted(self.variables))}" if self.variables else ""
+            raise ExprSyntaxError(f"unknown {what} {token.text!r}{hint}; {_ALLOWED}{inputs}", token.col)
         arity, function = _FUNCTIONS[token.text]
         self.expect("(")
         args = [self.nested(self.or_expr)]
@@ -403,6 +429,7 @@ class Expr:
     uses_step: bool
     _run: _Fn = field(repr=False, compare=False)
     reads: frozenset[tuple[str, int | None]] = frozenset()
+    variables: frozenset[str] = frozenset()
 
     def evaluate(self, env: Env) -> Any:
         """Value at ``env`` (hyper name -> number, bool, tuple/list, or 0-d tensor; ``"step"`` -> 1-based step).
@@ -421,16 +448,20 @@ class Expr:
     def __str__(self) -> str:
         return self.source
 
-    def __reduce__(self) -> tuple[Callable[[str], Expr], tuple[str]]:
+    def __reduce__(self) -> tuple[Callable[..., Expr], tuple[str, frozenset[str]]]:
         # Closures do not pickle or deep-copy; the source text rebuilds an equal expression.
-        return parse_expr, (self.source,)
+        return parse_expr, (self.source, self.variables)
 
 
-def parse_expr(text: str) -> Expr:
-    """Parse an expression; raises :class:`ExprSyntaxError` pointing at the offending column."""
-    parser = _Parser(text)
+def parse_expr(text: str, variables: Iterable[str] = ()) -> Expr:
+    """Parse an expression; raises :class:`ExprSyntaxError` pointing at the offending column.
+
+    ``variables`` are extra names the expression may read (values given to :meth:`Expr.evaluate` under
+    those names)."""
+    names = frozenset(variables)
+    parser = _Parser(text, names)
     run = parser.parse()
-    return Expr(text, frozenset(parser.hypers), parser.uses_step, run, frozenset(parser.reads))
+    return Expr(text, frozenset(parser.hypers), parser.uses_step, run, frozenset(parser.reads), names)
 
 
 _STEP_OR_CALL = re.compile(r"\bstep\b|\b[A-Za-z_][A-Za-z0-9_]*\s*\(")

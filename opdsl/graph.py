@@ -67,9 +67,11 @@ def check_graph(graph: GraphSpec) -> list[tuple[str, tuple]]:
                     (f"node {name!r} reads {ref!r}, which is not a node or a source (grad, param, grad2){suggestion}",
                      ("nodes", name, port))
                 )
-            elif parsed.prev and not graph.nodes[parsed.node].PRIMARY_STATE:
+            elif parsed.prev and not graph.nodes[parsed.node].has_prev():
+                source = graph.nodes[parsed.node]
+                hint = f" ({source.PREV_NEEDS})" if source.PREV_NEEDS else ""
                 problems.append(
-                    (f"node {name!r} reads {ref!r}, but a {graph.nodes[parsed.node].block!r} block keeps no state",
+                    (f"node {name!r} reads {ref!r}, but this {source.block!r} block keeps no state{hint}",
                      ("nodes", name, port))
                 )
     if graph.output not in graph.nodes:

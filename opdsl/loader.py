@@ -310,11 +310,8 @@ class _SpecBuilder:
 
     def _check_hyper_refs(self, spec: Spec, path: tuple, nname: str, block) -> bool:
         """Problems for unknown ``$hyper`` references and for conditions that read ``step``; True if none."""
-        fields = list(block.scalar_fields()) + [(name, value) for name, value in block.conditions()]
         ok = True
-        for field, value in fields:
-            if not isinstance(value, Expr):
-                continue
+        for field, value in block.expressions():
             label = "if" if field == "when" else field  # `when` is the YAML key `if:`
             where = path + (label.split("[")[0],)
             if field in dict(block.conditions()) and value.uses_step:
@@ -398,8 +395,11 @@ class _Failed(Block):
     the others: the node's name stays known, it keeps the references it makes to known names (so what it reads
     is not dead, and a cycle through it is found), and it has no fields to check."""
 
-    PRIMARY_STATE: ClassVar[str | None] = "state"  # `name@prev` of a failed node is not a second problem
+    PRIMARY_STATE: ClassVar[str | None] = "state"
     refs: dict[str, str] = {}
+
+    def has_prev(self) -> bool:
+        return True  # `name@prev` of a failed node is not a second problem
 
     @classmethod
     def stand_in(cls, node: Any, known: set[str]) -> "_Failed":

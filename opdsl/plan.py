@@ -132,9 +132,8 @@ def graph_reads(spec: Spec, graph: str) -> frozenset[tuple[str, int | None]]:
     what its nodes' fields and conditions name, as ``(name, index)`` (index None: the whole value)."""
     reads = {("lr", None)}
     for block in spec.graphs[graph].nodes.values():
-        for _, value in [*block.scalar_fields(), *block.conditions()]:
-            if isinstance(value, Expr):
-                reads |= value.reads
+        for _, value in block.expressions():
+            reads |= value.reads
     return frozenset(reads)
 
 
@@ -179,8 +178,7 @@ class GroupValueCheck:
 
 def _field_hypers(block: Any) -> frozenset[str]:
     """Every hyperparameter a node's fields and conditions read."""
-    exprs = [v for _, v in [*block.scalar_fields(), *block.conditions()] if isinstance(v, Expr)]
-    return frozenset().union(*(e.hypers for e in exprs))
+    return frozenset().union(*(e.hypers for _, e in block.expressions()))
 
 
 def _init_state(spec: StateSpec, flat: FlatBuffers) -> Any:

@@ -28,6 +28,7 @@ CASES = [
     ("sgd-dampening", "sgd", "lstm", {"lr": 0.05, "momentum": 0.8, "dampening": 0.3}, torch.optim.SGD, {"lr": 0.05, "momentum": 0.8, "dampening": 0.3}, {"lr": 0.01}, False),
     ("sgd-plain", "sgd", "mlp", {"lr": 0.1}, torch.optim.SGD, {"lr": 0.1}, {"weight_decay": 1e-2}, False),
     ("adagrad", "adagrad", "mlp", {"lr_decay": 1e-3, "weight_decay": 1e-3, "initial_accumulator_value": 0.1}, torch.optim.Adagrad, {"lr_decay": 1e-3, "weight_decay": 1e-3, "initial_accumulator_value": 0.1}, {"lr": 0.05}, True),
+    ("adamax", "adamax", "mlp", {"lr": 2e-3, "weight_decay": 1e-2}, torch.optim.Adamax, {"lr": 2e-3, "weight_decay": 1e-2}, {"betas": (0.8, 0.99)}, True),
     ("rmsprop", "rmsprop", "transformer", {"lr": 1e-3}, torch.optim.RMSprop, {"lr": 1e-3}, {"weight_decay": 1e-2}, True),
     ("rmsprop-centered-momentum", "rmsprop", "mlp", {"lr": 1e-3, "centered": True, "momentum": 0.9}, torch.optim.RMSprop, {"lr": 1e-3, "centered": True, "momentum": 0.9}, {"alpha": 0.9}, False),
 ]
