@@ -96,6 +96,14 @@ def plan_segments(shapes: list[torch.Size]) -> tuple[Segment, ...]:
 class FlatBuffers:
     """Owns one bucket's parameter and gradient buffers and keeps every parameter a view of them."""
 
+    @staticmethod
+    def holds(tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` lives in the parameter buffer of some opdsl optimizer (this one or another).
+
+        The buffer's storage is marked: torch keeps one Python object per storage for as long as the storage
+        lives, so the mark outlives the optimizer that made it, as the parameters viewing it do."""
+        return getattr(tensor.untyped_storage(), "_opdsl_parameters", False)
+
     def __init__(self, params: list[torch.nn.Parameter]):
         if not params:
             raise ValueError("a bucket needs at least one parameter")
@@ -116,6 +124,7 @@ class FlatBuffers:
         for p, seg in zip(params, self.segments):
             p.data = self.param[seg.offset : seg.end].view(seg.shape)
         self._param_ptrs = [p.data_ptr() for p in params]
+        self.param.untyped_storage()._opdsl_parameters = True
         self.install_grad_views(keep_values=True)
 
     def _segment_views(self, flat: torch.Tensor) -> list[torch.Tensor]:

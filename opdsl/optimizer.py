@@ -66,6 +66,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from opdsl.compiled.fusion import fuse
+from opdsl.compiled.layout import FlatBuffers
 from opdsl.compiled.lowering import build_step, due_key, reads_source
 from opdsl.errors import BindError, StateDictError
 from opdsl.loader import load_spec
@@ -195,8 +196,6 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(_with_names(params, self._names))
-        if not params:
-            raise ValueError("a parameter group needs at least one parameter")
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         here: set[int] = set()
         for p in params:
@@ -204,6 +203,13 @@ class Optimizer(torch.optim.Optimizer):
                 raise TypeError(f"optimizer params must be Tensors, got {type(p).__name__}")
             if not p.is_leaf:
                 raise ValueError(f"can't optimize a non-leaf Tensor ({self._name(p)})")
+            if type(p.data) is not torch.Tensor:  # a wrapper subclass: FSDP2's and tensor parallelism's DTensor
+                raise BindError(
+                    f"parameter {self._name(p)} is a {type(p.data).__name__} (FSDP2's fully_shard and tensor "
+                    "parallelism make parameters DTensors); opdsl steps parameters it can move into flat buffers "
+                    "of plain tensors: use DDP, FSDP1 with use_orig_params=False (building the optimizer "
+                    "before the first forward), or a torch.optim optimizer"
+                )
             if id(p) in here:
                 raise ValueError(f"parameter {self._name(p)} appears twice in one parameter group; list it once")
             if id(p) in seen:
@@ -233,6 +239,9 @@ class Optimizer(torch.optim.Optimizer):
         return not given and (route is None or "initial_lr" not in route.hyper)
 
     def _split_by_route(self, params: list[torch.Tensor]):
+        if not params:  # an empty group stays one (empty) group, as in torch: ZeRO hands some ranks one
+            yield MAIN_GRAPH, [], None
+            return
         routed: dict[str, list[torch.Tensor]] = {}
         routes: dict[str, Any] = {}
         strays = []
@@ -302,6 +311,8 @@ class Optimizer(torch.optim.Optimizer):
         # the step forms its shared values (global sums, the finiteness verdict) where this counter lives:
         # an accelerator if any bucket is on one, so that only CPU buckets wait for them
         devices = [b.flat.device for b in self._buckets]
+        if not devices:  # every group is empty: nothing to step
+            return
         device = next((d for d in devices if d.type != "cpu"), devices[0])
         if self._skipped is None:
             self._skipped = torch.zeros((), dtype=torch.int64, device=device)
@@ -415,10 +426,8 @@ class Optimizer(torch.optim.Optimizer):
             moved = bucket.flat.moved_params()
             if moved:
                 raise RuntimeError(
-                    f"parameter {self._where(bucket, moved[0])} no longer points into the optimizer's flat buffer "
-                    "(its .data was re-assigned, the module was moved to another device or dtype after the "
-                    "optimizer was built, or another opdsl optimizer was built over it); build the optimizer "
-                    "after moving the model, and one optimizer per parameter"
+                    f"parameter {self._where(bucket, moved[0])} no longer points into the optimizer's flat buffer, "
+                    f"so a step would not reach it: {_moved_cause(bucket.flat.params[moved[0]])}"
                 )
             missing = bucket.flat.gather_grads()
             if missing is None:
@@ -624,10 +633,7 @@ class Optimizer(torch.optim.Optimizer):
     def _load(self, state_dict: Mapping[str, Any]) -> None:
         meta = state_dict.get("opdsl")
         if meta is None:
-            raise StateDictError(
-                f"this state_dict was not written by opdsl (no 'opdsl' entry); it cannot be loaded into "
-                f"an opdsl optimizer running spec {self.spec.name!r}"
-            )
+            meta = self._meta_from_groups(state_dict)
         if meta.get("spec") != self.spec.name:
             raise StateDictError(
                 f"state_dict was written by spec {meta.get('spec')!r} (digest {meta.get('digest')}), "
@@ -670,6 +676,18 @@ class Optimizer(torch.optim.Optimizer):
         skipped = meta.get("skipped_steps")
         if skipped is not None and self._skipped is not None:
             self._skipped.copy_(skipped)
+
+    def _meta_from_groups(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """A state_dict without its ``opdsl`` entry, as torch.distributed.checkpoint's state_dict helpers
+        rebuild it (they keep ``state`` and ``param_groups`` only): opdsl's if every group names a graph of
+        this spec. The spec's digest cannot be compared, and the skipped-step count is not restored."""
+        groups = state_dict.get("param_groups")
+        if groups and all(isinstance(g, Mapping) and g.get("graph") in self.spec.graphs for g in groups):
+            return {"spec": self.spec.name, "digest": self.spec.digest}
+        raise StateDictError(
+            f"this state_dict was not written by opdsl (no 'opdsl' entry, and its param_groups name no graph of "
+            f"spec {self.spec.name!r}); it cannot be loaded into an opdsl optimizer running spec {self.spec.name!r}"
+        )
 
     def __repr__(self) -> str:
         lines = [f"opdsl.Optimizer(spec={self.spec.name!r}, compile={bool(self._compile)}, groups={len(self.param_groups)})"]
@@ -731,6 +749,19 @@ def _warn_user(message: str) -> None:
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, stacklevel=level)
+
+
+def _moved_cause(p: torch.Tensor) -> str:
+    """Why a parameter's ``.data`` left its flat buffer, and what to do, as far as it can be told."""
+    if FlatBuffers.holds(p):
+        return "another opdsl optimizer was built over it and moved it into its own buffer; use one optimizer per parameter"
+    if getattr(p, "_fsdp_flattened", False):
+        return ("FSDP points it at its own flat parameter (use_orig_params=True, or a forward run before the "
+                "optimizer was built); wrap with use_orig_params=False and build the optimizer before the first forward")
+    return ("its .data was re-assigned after the optimizer was built: by moving the module to another device or "
+            "dtype (build the optimizer after), by ZeroRedundancyOptimizer(parameters_as_bucket_view=True) (pass "
+            "False), or by torch.distributed's model averaging, which assigns p.data (average in place instead: "
+            "dist.all_reduce(p.data), then p.data.div_(world_size))")
 
 
 def _unread_change(key: str, old: Any, new: Any, reads: frozenset[tuple[str, int | None]]) -> bool:

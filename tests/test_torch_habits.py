@@ -260,7 +260,7 @@ def test_a_second_optimizer_over_the_same_parameters_is_named_when_the_first_ste
     first = opdsl.Optimizer(model.parameters(), "sgd", compile=False)
     opdsl.Optimizer(model.parameters(), "sgd", compile=False)  # moves every parameter into its own buffer
     loss_of(model, "mlp", 0).backward()
-    with pytest.raises(RuntimeError, match="another opdsl optimizer was built over it"):
+    with pytest.raises(RuntimeError, match="another opdsl optimizer was built over it and moved it"):
         first.step()
 
 
