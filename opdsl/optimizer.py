@@ -41,6 +41,15 @@ Semantics that differ from torch.optim, on purpose:
 - Parameters are views of flat buffers, and ``torch.save`` writes a tensor's whole storage: saving some
   parameters (or one parameter's state) writes the whole buffer; clone what you save of a subset.
   Saving the whole model or optimizer writes each buffer once, the same bytes as torch.
+- Distributed: under DDP every rank holds every parameter and steps as torch does. Under optimizer
+  sharding (ZeroRedundancyOptimizer, FSDP1 with ``use_orig_params=False``) each rank's optimizer sees
+  its shard only: elementwise specs step exactly, but a model-wide sum (scsadamw, coba, adagrad-norm,
+  sgdol, the scg family) and the ``on_nonfinite="skip"`` verdict then cover one shard, so a step can be
+  skipped on one rank and taken on another (use DDP, or ``"propagate"`` with torch's
+  ShardedGradScaler). FSDP1's flattened shards are refused by graphs with per-tensor or model-wide work,
+  DTensor parameters (FSDP2, tensor parallelism) always. ZeRO partitions the groups it is given and
+  expects as many back, so give a routing spec (muon, muadam) groups already split by route.
+  torch.distributed.checkpoint's state_dict helpers save and load the state (without the skip count).
 - Parameters whose memory overlaps another's are refused: each is moved into a flat buffer. For the
   same reason one parameter can belong to one opdsl optimizer at a time: building a second over it
   moves it into the second's buffer, and the first refuses to step (torch allows two).
@@ -84,6 +93,7 @@ from opdsl.plan import (
     shared_state_keys,
 )
 from opdsl.schedule import DueFlag, StepClock
+from opdsl.blocks.base import Scope
 from opdsl.spec import MAIN_GRAPH, Spec
 from opdsl.state_view import InstalledState
 
@@ -152,6 +162,7 @@ class Optimizer(torch.optim.Optimizer):
         self._value_checks: dict[str, GroupValueCheck] = {}  # by graph name
         self._warned_unread: set[tuple[str, str]] = set()  # (graph, group key) warned about once
         self._warned_typos: set[str] = set()
+        self._warned_flattened = False
         self._reads: list[frozenset[tuple[str, int | None]]] = []  # per group: what its graph reads
         self._key_counts: list[int] = []  # per group: len(group) when its keys were last looked at
         self._first_written = False  # grad2 specs: whether the closure's first call wrote a gradient
@@ -227,9 +238,35 @@ class Optimizer(torch.optim.Optimizer):
             group["graph"] = key
             group["params"] = route_params
             group["param_names"] = [self._name(p) for p in route_params]
+            self._check_flattened(group)
             self.param_groups.append(group)
         if not self._building:
             self._rebuild()
+
+    def _check_flattened(self, group: Mapping[str, Any]) -> None:
+        """FSDP1 (use_orig_params=False) hands the optimizer one flattened 1-D shard per rank and module, in
+        which no tensor, row or model-wide sum can be told: refuse graphs that need one; warn that routing
+        rules see 1-D shards."""
+        flat = [p for p in group["params"] if getattr(p, "_is_flat_param", False)]
+        if not flat:
+            return
+        graph = self.spec.graphs[group["graph"]]
+        needs = [f"{name!r} ({block.block}, {block.scope().value})" for name, block in graph.nodes.items()
+                 if block.scope() is not Scope.ELEMENTWISE]
+        if needs:
+            raise BindError(
+                f"parameter {self._name(flat[0])} is FSDP's flattened shard (FSDP1 with use_orig_params=False), but "
+                f"graph {group['graph']!r} of spec {self.spec.name!r} reduces over tensors or the model in "
+                f"{', '.join(needs)}, which a shard of flattened parameters cannot give: use DDP, or a spec whose "
+                "blocks are all elementwise"
+            )
+        if self.spec.groups and not self._warned_flattened:
+            self._warned_flattened = True
+            _warn_user(
+                f"spec {self.spec.name!r} routes parameters by shape or name, but FSDP1 with use_orig_params=False "
+                f"hands it flattened 1-D shards ({self._name(flat[0])} went to graph {group['graph']!r} as one): "
+                "routing rules then see no matrix, bias or name; use DDP, or a spec without `groups` rules"
+            )
 
     def _follows_lr(self, explicit: Mapping[str, Any], route: Any) -> bool:
         """A spec's ``initial_lr`` (lr_0 of schedule-relative decay) defaults to the group's lr."""

@@ -82,3 +82,18 @@ def test_an_empty_parameter_group_is_kept_as_in_torch():
     nothing = opdsl.Optimizer([{"params": []}], compile=False)
     nothing.step()  # an optimizer of empty groups steps nothing, as torch's does
     assert nothing.state_dict()["state"] == {}
+
+
+def _flattened(numel: int) -> nn.Parameter:
+    """A stand-in for FSDP1's FlatParameter (use_orig_params=False): one 1-D shard, marked as FSDP marks it."""
+    shard = nn.Parameter(torch.randn(numel))
+    shard._is_flat_param = True
+    return shard
+
+
+def test_fsdp_flattened_shards_are_refused_where_the_graph_reduces_and_routing_is_warned():
+    with pytest.raises(BindError, match=r"FSDP's flattened shard.*'d' \(direction-mixer, global\)"):
+        opdsl.Optimizer([_flattened(40)], "scsadamw", compile=False)
+    with pytest.warns(UserWarning, match="routes parameters by shape or name, but FSDP1"):
+        opdsl.Optimizer([_flattened(40)], "muon", compile=False)  # a 1-D shard routes to the AdamW graph
+    opdsl.Optimizer([_flattened(40)], "lion", compile=False)  # elementwise, no routing: nothing to say
