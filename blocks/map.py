@@ -19,10 +19,10 @@ import torch
 from pydantic import Field, PlainSerializer, WithJsonSchema, field_validator
 
 from opdsl.blocks.base import Block, Ref, StateKind, StateSpec
-from opdsl.expr import RESERVED_NAMES, Expr, parse_expr
+from opdsl.expr import EXPRESSION_WORDS, Expr, parse_expr
 
 _INPUT = "x"
-_RESERVED = {_INPUT, "input", "else", *RESERVED_NAMES}
+_RESERVED = {_INPUT, "input", "else", *EXPRESSION_WORDS}
 
 
 class Map(Block):

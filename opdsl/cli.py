@@ -100,6 +100,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
         target = route.target
         extra = f" with {dict(route.hyper)}" if route.hyper else ""
         print(f"groups[{route_index}]: {route.match.describe()} -> {target}{extra}")
+    for requirement in spec.require:
+        print(f"require: {requirement.check}  ({requirement.message})")
     for name, graph in spec.graphs.items():
         print(f"\ngraph {name}:\n{to_text(graph)}")
     if args.mermaid:

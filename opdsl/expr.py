@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Seque
 import torch
 from torch import Tensor
 
-__all__ = ["Expr", "ExprSyntaxError", "ExprEvalError", "MissingHyperError", "parse_expr", "is_expr", "MAX_DEPTH", "RESERVED_NAMES"]
+__all__ = ["Expr", "ExprSyntaxError", "ExprEvalError", "MissingHyperError", "parse_expr", "is_expr", "MAX_DEPTH", "EXPRESSION_WORDS"]
 
 #: Deeper nesting (parentheses, calls, prefix operators) is refused; it bounds parser and evaluator recursion.
 MAX_DEPTH = 32
@@ -119,8 +119,8 @@ _FUNCTIONS: dict[str, tuple[int, Callable[..., Any]]] = {
     "min": (2, _extremum(min, torch.minimum, "max")),
     "max": (2, _extremum(max, torch.maximum, "min")),
 }
-#: Names an expression reserves: a name given to :func:`parse_expr` as a variable must not be one of them.
-RESERVED_NAMES = frozenset({"step", "true", "false", "and", "or", "not", *_FUNCTIONS})
+#: Words an expression reserves (keywords, constants, functions): no variable given to :func:`parse_expr` may be one.
+EXPRESSION_WORDS = frozenset({"step", "true", "false", "and", "or", "not", *_FUNCTIONS})
 
 _BINARY: dict[str, Callable[[Any, Any], Any]] = {
     "+": operator.add,

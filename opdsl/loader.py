@@ -18,7 +18,7 @@ from opdsl.blocks import BLOCKS, Block, block_class
 from opdsl.errors import Location, Problem, SpecError
 from opdsl.expr import Expr
 from opdsl.graph import SOURCES, check_graph, parse_ref
-from opdsl.spec import MAIN_GRAPH, RESERVED_NAMES, SPEC_VERSION, GraphSpec, Spec, lr_problem
+from opdsl.spec import MAIN_GRAPH, RESERVED_NAMES, SPEC_VERSION, GraphSpec, Requirement, Spec, lr_problem, requirement_problems
 from opdsl.yaml_loader import LocatedDocument, load_yaml_file, load_yaml_text
 
 __all__ = ["load_spec", "shipped_specs", "resolve_spec_path"]
@@ -281,6 +281,8 @@ class _SpecBuilder:
                     self._unknown_ref(("groups", index, "hyper", key), key, list(spec.hyper), "hyperparameter", key=True)
             if "lr" in route.hyper and (problem := lr_problem(route.hyper["lr"])):
                 self.problem(("groups", index, "hyper", "lr"), problem)
+        for index, requirement in enumerate(spec.require):
+            self._check_requirement(spec, index, requirement)
         for gname, graph in spec.graphs.items():
             path = () if gname == MAIN_GRAPH else ("graphs", gname)
             used = gname not in (MAIN_GRAPH,) and any(r.use == gname for r in spec.groups)
@@ -307,6 +309,30 @@ class _SpecBuilder:
                 if self._check_hyper_refs(spec, path + ("nodes", nname), nname, block):
                     for context, env in [("the spec's default hyperparameters", spec.hyper), *overrides]:
                         self._check_at(env, context, path + ("nodes", nname), nname, block)
+
+    def _check_requirement(self, spec: Spec, index: int, requirement: Requirement) -> None:
+        """A `require:` entry reads known hyperparameters, not `step`, and holds at the defaults and at
+        each group's overrides."""
+        where, check = ("require", index, "check"), requirement.check
+        if isinstance(check, Expr):
+            if check.uses_step:
+                self.problem(where, f"`{check}` reads `step`, but a requirement is checked on a group's values, "
+                             "once per change, not per step")
+                return
+            unknown = [ref for ref in sorted(check.hypers) if ref not in spec.hyper]
+            for ref in unknown:
+                if not self._hyper_failed(ref):
+                    self._unknown_ref(where, f"${ref}", [f"${h}" for h in spec.hyper], "hyperparameter")
+            if unknown:
+                return
+        envs = [("the spec's default hyperparameters", spec.hyper)] + [
+            (f"the hyper of groups[{i}]", {**spec.hyper, **route.hyper})
+            for i, route in enumerate(spec.groups)
+            if route.hyper and all(k in spec.hyper for k in route.hyper)
+        ]
+        for context, env in envs:
+            for message in requirement_problems([requirement], env):
+                self.problem(where, f"{message} (at {context})")
 
     def _check_hyper_refs(self, spec: Spec, path: tuple, nname: str, block) -> bool:
         """Problems for unknown ``$hyper`` references and for conditions that read ``step``; True if none."""

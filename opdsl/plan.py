@@ -17,7 +17,7 @@ from opdsl.compiled.layout import FlatBuffers, group_by_shape, run_of, value_sha
 from opdsl.compiled.lowering import BucketArgs, Program, build_program, state_key
 from opdsl.errors import BindError
 from opdsl.expr import Expr
-from opdsl.spec import Spec, hyper_value, lr_problem
+from opdsl.spec import Spec, hyper_value, lr_problem, requirement_problems
 
 __all__ = ["Bucket", "build_buckets", "scalar_dtype", "scalar_slot", "conditions_of", "GroupValueCheck", "float_env"]
 
@@ -148,6 +148,7 @@ class GroupValueCheck:
 
     def __init__(self, spec: Spec, graph: str):
         self.spec_name = spec.name
+        self.requirements = spec.require
         self.nodes = [
             (name, block, _field_hypers(block), block.step_field_hypers())
             for name, block in spec.graphs[graph].nodes.items()
@@ -164,6 +165,7 @@ class GroupValueCheck:
             at = {**env, "step": step}
             return lambda v: v.evaluate(at) if isinstance(v, Expr) else v
 
+        problems += requirement_problems(self.requirements, env, changed)
         for name, block, reads, step_reads in self.nodes:
             if changed is not None and not reads & changed:
                 continue  # its values are those checked before

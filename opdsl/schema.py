@@ -12,7 +12,7 @@ from typing import Any, Literal, Union
 from pydantic import ConfigDict, Field, create_model
 
 from opdsl.blocks import BLOCKS
-from opdsl.spec import MAIN_GRAPH, SPEC_VERSION, Route, Spec
+from opdsl.spec import MAIN_GRAPH, SPEC_VERSION, Requirement, Route, Spec
 
 __all__ = ["spec_json_schema"]
 
@@ -38,6 +38,7 @@ def spec_json_schema() -> dict[str, Any]:
         output=(str, Field(None, description="the top-level graph's output node")),
         graphs=(dict[str, graph], Field(default_factory=dict, description="more named graphs, for `groups`")),
         groups=(list[Route], Field(default_factory=list)),
+        require=(list[Requirement], Field(default_factory=list, description="conditions every group's values meet")),
     )
     schema = spec_file.model_json_schema(by_alias=True)
     # The loader's rules on the graph layout: `nodes` and `output` come together (the top-level graph),

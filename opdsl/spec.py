@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import numbers
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Mapping, Sequence, Union
 
 import torch
 from pydantic import (
@@ -20,9 +20,10 @@ from pydantic import (
 )
 
 from opdsl.blocks.base import Block
-from opdsl.scalars import to_float
+from opdsl.expr import Expr
+from opdsl.scalars import Condition, to_float
 
-__all__ = ["HyperValue", "Match", "Route", "GraphSpec", "Spec", "SPEC_VERSION", "MAIN_GRAPH", "hyper_value", "lr_problem"]
+__all__ = ["HyperValue", "Match", "Requirement", "Route", "requirement_problems", "GraphSpec", "Spec", "SPEC_VERSION", "MAIN_GRAPH", "hyper_value", "lr_problem"]
 
 SPEC_VERSION = 1
 MAIN_GRAPH = "main"
@@ -122,6 +123,36 @@ class Match(_Model):
         return self.name is not None
 
 
+class Requirement(_Model):
+    """A condition the hyperparameters must meet in every group, as torch's constructors check theirs
+    (``nesterov`` needs a momentum): checked when the spec is loaded, when an optimizer is built and
+    whenever a value it reads changes."""
+
+    check: Condition = Field(description="a condition over $hyperparameters, e.g. 'not $nesterov or $momentum > 0'")
+    message: str = Field(description="what the user is told when the check fails")
+
+
+def requirement_problems(
+    requirements: Sequence[Requirement], env: Mapping[str, Any], changed: frozenset[str] | None = None
+) -> list[str]:
+    """The message of each requirement that fails at ``env`` (only those reading a changed value)."""
+    problems = []
+    for req in requirements:
+        if not isinstance(req.check, Expr):
+            holds = req.check
+        elif changed is not None and not req.check.hypers & changed:
+            continue
+        else:
+            try:
+                holds = bool(req.check.evaluate(env))
+            except ValueError as err:
+                problems.append(f"cannot evaluate `require: {req.check}`: {err}")
+                continue
+        if not holds:
+            problems.append(f"{req.message} (require: {req.check})")
+    return problems
+
+
 class Route(_Model):
     """One routing rule of ``groups``."""
 
@@ -158,6 +189,7 @@ class Spec(_Model):
     hyper: dict[str, HyperValue] = Field(default_factory=dict)
     graphs: dict[str, GraphSpec] = Field(default_factory=dict)
     groups: tuple[Route, ...] = ()
+    require: tuple[Requirement, ...] = ()
     source: Union[str, None] = Field(None, exclude=True, description="file the spec came from")
 
     @field_validator("opdsl")

@@ -371,3 +371,39 @@ def test_unknown_match_criterion_lists_the_match_fields():
     found = problems(ORTHO.replace("FIELDS", "steps: 5").replace("ndim: 2", "ndims: 2"))
     assert len(found) == 1 and "spec.yaml:8:" in found[0]
     assert "unknown field 'ndims' in `groups[0].match`; did you mean 'ndim'? valid fields: ndim, shape, name" in found[0]
+
+
+REQUIRE = GOOD + """\
+require:
+  - check: "$beta < 0.95"
+    message: beta must stay below 0.95 here
+"""
+
+
+def test_requirements_are_checked_where_written_and_when_values_change():
+    found = problems(REQUIRE.replace("beta: 0.9", "beta: 0.99"))
+    assert len(found) == 1 and found[0].startswith("spec.yaml:10:") and "beta must stay below 0.95 here" in found[0]
+    typo = problems(REQUIRE.replace('"$beta < 0.95"', '"$betta < 0.95"'))
+    assert len(typo) == 1 and "unknown hyperparameter '$betta'; did you mean '$beta'?" in typo[0]
+    stepped = problems(REQUIRE.replace('"$beta < 0.95"', '"step < 10"'))
+    assert len(stepped) == 1 and "reads `step`" in stepped[0]
+    spec = opdsl.load_spec("spec.yaml", text=REQUIRE)
+    with pytest.raises(ValueError, match="beta must stay below 0.95 here"):
+        opdsl.Optimizer([torch.nn.Parameter(torch.zeros(2))], spec, beta=0.97, compile=False)
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = opdsl.Optimizer([param], spec, compile=False)
+    param.grad = torch.ones(2)
+    opt.step()
+    opt.param_groups[0]["beta"] = 0.96
+    with pytest.raises(ValueError, match=r"(?s)param_groups\[0\].*beta must stay below 0.95 here"):
+        opt.step()
+
+
+def test_sgd_refuses_nesterov_without_momentum_as_torch_does():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    for bad in ({"nesterov": True}, {"nesterov": True, "momentum": 0.9, "dampening": 0.1}):
+        with pytest.raises(ValueError, match="Nesterov momentum requires a momentum and zero dampening") as ours:
+            opdsl.Optimizer(params, "sgd", compile=False, **bad)
+        with pytest.raises(ValueError, match="Nesterov momentum requires a momentum and zero dampening"):
+            torch.optim.SGD(params, **bad)
+        assert "require:" in str(ours.value)
