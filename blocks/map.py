@@ -8,21 +8,24 @@
 ``x`` and those of ``with``, each an elementwise tensor; a comparison gives 1 where it holds and 0
 elsewhere. Adamax's infinity norm is ``{block: map, input: grad, with: {u: u@prev},
 expr: "max($betas[1] * u, abs(x) + $eps)", keep: true}``; a mask of agreeing signs (Cautious
-optimizers) is ``"m * x > 0"``. Scalar sub-expressions (``$beta ** step``) are evaluated for every
-element: where they are costly, compute them in a scalar field of another block (``lr-scale``).
+optimizers) is ``"m * x > 0"``. A part that reads no input (``1 - $beta ** step``) is computed once per
+step, not once per element.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+import re
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
 import torch
-from pydantic import Field, PlainSerializer, WithJsonSchema, field_validator
+from pydantic import Field, PlainSerializer, StrictBool, WithJsonSchema, field_validator
 
 from opdsl.blocks.base import Block, Ref, StateKind, StateSpec
-from opdsl.expr import EXPRESSION_WORDS, Expr, parse_expr
+from opdsl.expr import DTYPE, EXPRESSION_WORDS, HOIST, Expr, parse_expr
 
 _INPUT = "x"
-_RESERVED = {_INPUT, "input", "else", *EXPRESSION_WORDS}
+# the fields' own names too: `opdsl show` prints `with` entries beside the fields
+_RESERVED = {_INPUT, "input", "with", "expr", "keep", "block", "if", "else", *EXPRESSION_WORDS}
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # what the expression's tokenizer reads as a name
 
 
 class Map(Block):
@@ -31,10 +34,10 @@ class Map(Block):
     block: Literal["map"]
     input: Ref = "grad"
     with_: dict[str, Ref] = Field(default_factory=dict, alias="with", description="more inputs, by the name expr reads")
-    expr: Annotated[Expr, PlainSerializer(str), WithJsonSchema({"type": "string"})] = Field(
-        description="an expression over x, the `with` names, $hyperparameters and step"
+    expr: Annotated[Expr, PlainSerializer(str), WithJsonSchema({"type": ["string", "number"]})] = Field(
+        description="an expression over x, the `with` names, $hyperparameters and step (or a number)"
     )
-    keep: bool = Field(False, description="store the output as state `value`, which node@prev reads (0 at first)")
+    keep: StrictBool = Field(False, description="store the output as state `value`, which node@prev reads (0 at first)")
 
     PORTS: ClassVar[tuple[str, ...]] = ("input", "with_")
     PRIMARY_STATE: ClassVar[str] = "value"
@@ -45,10 +48,10 @@ class Map(Block):
     @classmethod
     def _names(cls, value: dict[str, Ref]) -> dict[str, Ref]:
         for name in value:
-            if not name.isidentifier() or name in _RESERVED:
+            if not _NAME.match(name) or name in _RESERVED:
                 raise ValueError(
-                    f"input name {name!r} cannot be used: a name is a Python-style identifier other than "
-                    f"{', '.join(sorted(_RESERVED))}"
+                    f"input name {name!r} cannot be used: a name is letters, digits and '_' (ASCII, not starting "
+                    f"with a digit), other than {', '.join(sorted(_RESERVED))}"
                 )
         return value
 
@@ -61,7 +64,28 @@ class Map(Block):
             value = repr(value)  # a constant: `expr: 1.0`
         if not isinstance(value, str):
             raise ValueError(f"expected an expression (a string), got {type(value).__name__}")
-        return parse_expr(value, {_INPUT, *info.data.get("with_", {})})  # a syntax error names its column
+        if "with_" in info.data:
+            names = {_INPUT, *info.data["with_"]}
+        else:  # `with` failed and is reported: read any name as an input rather than report it again
+            names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", value)) - EXPRESSION_WORDS
+        expr = parse_expr(value, names)  # a syntax error names its column
+        unused = sorted(set(info.data.get("with_", {})) - _read_names(value))
+        if unused:
+            raise ValueError(f"`with` input(s) {', '.join(unused)} are not read by the expression; remove them")
+        return expr
+
+    def problems_at(self, evaluate: Callable[[Any], Any]) -> list[tuple[str | None, str]]:
+        """The fields', and the expression's at these values with every input 1: an index out of range,
+        a list not indexed, a division by a zero constant are found where the spec is read, not mid-step."""
+        problems = super().problems_at(evaluate)
+        ones = {name: torch.ones((), dtype=torch.float64) for name in self.expr.variables}
+        try:
+            evaluate(self.expr.bound(ones))
+        except (ValueError, TypeError, ArithmeticError, RuntimeError, IndexError) as err:
+            said = str(err).startswith("cannot evaluate") or repr(self.expr.source) in str(err)
+            text = str(err) if said else f"cannot evaluate {self.expr.source!r}: {err}"
+            problems.append(("expr", text))
+        return problems
 
     def __hash__(self) -> int:  # compiled steps are cached by plan, blocks included; `with` is a dict
         return hash((self.input, tuple(self.with_.items()), self.expr.source, self.keep, self.when, self.otherwise))
@@ -76,10 +100,13 @@ class Map(Block):
         return {"value": StateSpec(StateKind.ELEMENTWISE)} if self.keep else {}
 
     def forward(self, ctx, x, state, totals=None):
-        like = x["input"]
-        env = {**ctx.env, _INPUT: like, **{name: x[name] for name in self.with_}}
-        out = self.expr.evaluate(env)
-        out = torch.as_tensor(out, device=like.device).to(like.dtype)
-        if out.shape != like.shape:
-            out = out.expand(like.shape)
+        dtype = ctx.param.dtype  # an input may be a float64 scalar state; the output is a parameter-like value
+        env = {**ctx.env, HOIST: ctx.once, DTYPE: dtype, _INPUT: x["input"], **{n: x[n] for n in self.with_}}
+        out = torch.as_tensor(self.expr.evaluate(env), device=ctx.param.device).to(dtype)
+        if out.shape != ctx.value_shape:
+            out = out.expand(ctx.value_shape)
         return out, ({"value": out} if self.keep else {})
+
+
+def _read_names(text: str) -> set[str]:
+    return set(re.findall(r"(?<![$A-Za-z0-9_])[A-Za-z_][A-Za-z0-9_]*", text))

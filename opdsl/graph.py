@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
+from opdsl.blocks.base import StateKind
 from opdsl.spec import GraphSpec
 
 __all__ = ["SOURCES", "Reference", "parse_ref", "build_digraph", "check_graph", "execution_order", "to_mermaid", "to_text"]
@@ -51,6 +52,11 @@ def build_digraph(graph: GraphSpec) -> nx.DiGraph:
     return dag
 
 
+def _per_tensor_state(block) -> bool:
+    state = block.state_specs().get(block.PRIMARY_STATE)
+    return state is not None and state.kind is StateKind.TENSOR
+
+
 def check_graph(graph: GraphSpec) -> list[tuple[str, tuple]]:
     """Every structural problem as (message, path inside the graph mapping)."""
     problems: list[tuple[str, tuple]] = []
@@ -72,6 +78,12 @@ def check_graph(graph: GraphSpec) -> list[tuple[str, tuple]]:
                 hint = f" ({source.PREV_NEEDS})" if source.PREV_NEEDS else ""
                 problems.append(
                     (f"node {name!r} reads {ref!r}, but this {source.block!r} block keeps no state{hint}",
+                     ("nodes", name, port))
+                )
+            elif parsed.prev and _per_tensor_state(graph.nodes[parsed.node]):
+                problems.append(
+                    (f"node {name!r} reads {ref!r}, a state with one value per parameter tensor, which no block "
+                     "takes as an input (`@prev` reads elementwise or scalar states); read the node's output instead",
                      ("nodes", name, port))
                 )
     if graph.output not in graph.nodes:

@@ -122,3 +122,83 @@ def test_map_mistakes_are_located(node, line, fragment):
         opdsl.load_spec("spec.yaml", text=MAP_NODE.replace("NODE", node))
     found = [str(p) for p in info.value.problems]
     assert len(found) == 1 and found[0].startswith(f"spec.yaml:{line}:") and fragment in found[0], found
+
+
+def _one_step(expr: str, with_: str = "{p: param}", dtype=torch.float64, compiled: bool = False) -> list[float]:
+    spec = opdsl.load_spec("e.yaml", text=MAP_NODE.replace("NODE", f"with: {with_}, expr: \"{expr}\""))
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0, -4.0], dtype=dtype))
+    p.grad = torch.tensor([2.0, 1.0, -1.0, -3.0], dtype=dtype)
+    before = p.detach().clone()
+    opdsl.Optimizer([p], spec, compile=compiled, on_nonfinite="propagate").step()
+    return ((before - p.detach()) / 0.1).tolist()
+
+
+@pytest.mark.parametrize(
+    ("expr", "expected"),
+    [
+        ("(x > 0) + (p > 0)", [2, 1, 1, 0]),  # torch adds bool tensors as a logical or
+        ("(x > 0) - (p > 0)", [0, 1, -1, 0]),
+        ("-(x > 0) * (p > -3)", [-1, -1, 0, 0]),
+        ("abs(x > 0) + sign(p > 0)", [2, 1, 1, 0]),
+        ("max(x > 0, p > 0)", [1, 1, 1, 0]),
+        ("where(x * p > 0, 0.1, 0.3)", [0.1, 0.3, 0.3, 0.1]),
+    ],
+)
+def test_comparisons_count_as_one_and_zero(expr, expected):
+    got = _one_step(expr)
+    assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-12, got  # float64 throughout: where's 0.1 too
+
+
+def test_comparisons_as_numbers_compile():
+    got = _one_step("(x > 0) - (p > 0) + abs(x > 0)", compiled=True)
+    assert max(abs(a - b) for a, b in zip(got, [1, 2, -1, 0])) < 1e-12, got
+
+
+def test_a_map_can_read_a_scalar_state_and_gives_a_parameter_like_value():
+    """`n@prev` of a model-wide norm is one float64 value: the output still has the parameters' shape and dtype."""
+    spec = opdsl.load_spec("s.yaml", text="""\
+opdsl: 1
+name: s
+hyper: {lr: 1.0}
+nodes:
+  n: {block: global-norm, input: grad, initial: 4.0}
+  u: {block: map, input: n@prev, with: {g: n}, expr: "x + 0 * g"}
+output: u
+""")
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.ones(3)
+    opt = opdsl.Optimizer([p], spec, compile=False)
+    opt.step()  # b2 was 0 before the first step
+    opt.step()  # b2 = 4 + 3 after it
+    assert p.dtype == torch.float32 and torch.equal(p.detach(), torch.full((3,), -7.0))
+
+
+@pytest.mark.parametrize(
+    ("node", "fragment"),
+    [
+        ('expr: "x * $lr[0]"', "indexes $lr, which is a float"),
+        ('expr: "x * (1 / 0)"', "cannot evaluate"),
+        ('with: {m: grad}, expr: "x"', "`with` input(s) m are not read by the expression"),
+        ('with: {expr: grad}, expr: "x * expr"', "input name 'expr' cannot be used"),
+        ('with: {"\\u03b2": grad}, expr: "x"', "is letters, digits and '_' (ASCII"),
+        ('expr: "x", keep: "yes"', "Input should be a valid boolean"),
+    ],
+)
+def test_expression_mistakes_are_found_where_the_spec_is_read(node, fragment):
+    with pytest.raises(SpecError) as info:
+        opdsl.load_spec("spec.yaml", text=MAP_NODE.replace("NODE", node))
+    found = [str(p) for p in info.value.problems]
+    assert len(found) == 1 and found[0].startswith("spec.yaml:5:") and fragment in found[0], found
+
+
+def test_prev_of_a_per_tensor_state_is_refused():
+    with pytest.raises(SpecError, match="a state with one value per parameter tensor"):
+        opdsl.load_spec("t.yaml", text="""\
+opdsl: 1
+name: t
+hyper: {lr: 1.0}
+nodes:
+  n: {block: global-norm, input: grad, span: tensor}
+  u: {block: map, input: n, with: {b: n@prev}, expr: "x * b"}
+output: u
+""")
