@@ -151,6 +151,13 @@ THEORY: dict[str, Theory] = {
     "adamax": Theory(
         "m and the running maximum u = max(b2 u, |g| + eps), both full-size (torch.optim.Adamax's update rule)",
         full(2)),
+    "nadam": Theory(
+        "m and v, full-size, and the product of the momentum schedule mu_1...mu_t, one shared scalar "
+        "(torch.optim.NAdam's mu_product)",
+        lambda shape, hyper: 2 * numel(shape) + 1),
+    "radam": Theory(
+        "m and v, full-size; the rectification is a function of the step (torch.optim.RAdam's update rule)",
+        full(2)),
     "adagrad-norm": Theory(
         "one global scalar b^2 = b_0^2 + sum ||g||^2 (algorithms.md §7: AdaGrad-Norm)",
         scalars(1)),

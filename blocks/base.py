@@ -196,6 +196,14 @@ class Block(BaseModel):
         fields = [*self.scalar_fields(), *self.conditions(), *self.tensor_expressions()]
         return [(name, value) for name, value in fields if isinstance(value, Expr)]
 
+    def scalar_output(self) -> bool:
+        """Whether the node's output is one value per step rather than one per element (a scalar map)."""
+        return False
+
+    def scalar_ports(self) -> list[str]:
+        """Ports that must read scalar values (a scalar map's inputs)."""
+        return []
+
     def has_prev(self) -> bool:
         """Whether ``node@prev`` can read this node: it keeps its primary state in this configuration."""
         return self.PRIMARY_STATE is not None and self.PRIMARY_STATE in self.state_specs()

@@ -10,6 +10,11 @@ elsewhere. Adamax's infinity norm is ``{block: map, input: grad, with: {u: u@pre
 expr: "max($betas[1] * u, abs(x) + $eps)", keep: true}``; a mask of agreeing signs (Cautious
 optimizers) is ``"m * x > 0"``. A part that reads no input (``1 - $beta ** step``) is computed once per
 step, not once per element.
+
+With ``scalar: true`` the node is one value per step instead (float64 where the device has it), read by
+other nodes through ``with``: a named piece of scalar arithmetic (RAdam's rectification), or with
+``keep: true`` and ``initial:`` a recurrence over steps (NAdam's product of momenta, ``initial: 1``). A
+scalar map reads only scalar maps, scalar states (``@prev``), hyperparameters and ``step``.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import re
 from typing import Annotated, Any, Callable, ClassVar, Literal
 
 import torch
-from pydantic import Field, PlainSerializer, StrictBool, WithJsonSchema, field_validator
+from pydantic import Field, FiniteFloat, PlainSerializer, StrictBool, WithJsonSchema, field_validator
 
 from opdsl.blocks.base import Block, Ref, StateKind, StateSpec
 from opdsl.expr import DTYPE, EXPRESSION_WORDS, HOIST, Expr, parse_expr
@@ -37,7 +42,9 @@ class Map(Block):
     expr: Annotated[Expr, PlainSerializer(str), WithJsonSchema({"type": ["string", "number"]})] = Field(
         description="an expression over x, the `with` names, $hyperparameters and step (or a number)"
     )
-    keep: StrictBool = Field(False, description="store the output as state `value`, which node@prev reads (0 at first)")
+    keep: StrictBool = Field(False, description="store the output as state `value`, which node@prev reads")
+    initial: FiniteFloat = Field(0.0, description="the kept state's value before the first step")
+    scalar: StrictBool = Field(False, description="one value per step, not one per element")
 
     PORTS: ClassVar[tuple[str, ...]] = ("input", "with_")
     PRIMARY_STATE: ClassVar[str] = "value"
@@ -88,7 +95,16 @@ class Map(Block):
         return problems
 
     def __hash__(self) -> int:  # compiled steps are cached by plan, blocks included; `with` is a dict
-        return hash((self.input, tuple(self.with_.items()), self.expr.source, self.keep, self.when, self.otherwise))
+        return hash((self.input, tuple(self.with_.items()), self.expr.source, self.keep, self.initial, self.scalar,
+                     self.when, self.otherwise))
+
+    def scalar_output(self) -> bool:
+        return self.scalar
+
+    def scalar_ports(self) -> list[str]:
+        if not self.scalar:
+            return []
+        return [*self.with_, *(["input"] if _INPUT in _read_names(self.expr.source) else [])]
 
     def inputs(self) -> dict[str, Ref]:
         out = {"input": self.input, **self.with_}
@@ -97,14 +113,20 @@ class Map(Block):
         return out
 
     def state_specs(self) -> dict[str, StateSpec]:
-        return {"value": StateSpec(StateKind.ELEMENTWISE)} if self.keep else {}
+        if not self.keep:
+            return {}
+        if self.scalar:
+            return {"value": StateSpec(StateKind.SCALAR, init=self.initial, dtype=torch.float64)}
+        return {"value": StateSpec(StateKind.ELEMENTWISE, init=self.initial)}
 
     def forward(self, ctx, x, state, totals=None):
-        dtype = ctx.param.dtype  # an input may be a float64 scalar state; the output is a parameter-like value
+        # an elementwise map gives a parameter-like value whatever its inputs (one may be a float64 scalar
+        # state); a scalar map one value in the step count's precision
+        dtype, shape = (ctx.step.dtype, ()) if self.scalar else (ctx.param.dtype, ctx.value_shape)
         env = {**ctx.env, HOIST: ctx.once, DTYPE: dtype, _INPUT: x["input"], **{n: x[n] for n in self.with_}}
         out = torch.as_tensor(self.expr.evaluate(env), device=ctx.param.device).to(dtype)
-        if out.shape != ctx.value_shape:
-            out = out.expand(ctx.value_shape)
+        if out.shape != shape:
+            out = out.expand(shape)
         return out, ({"value": out} if self.keep else {})
 
 

@@ -52,6 +52,19 @@ def build_digraph(graph: GraphSpec) -> nx.DiGraph:
     return dag
 
 
+def _scalar_value(graph: GraphSpec, ref: Reference) -> bool:
+    """Whether a reference reads one value per step: a scalar node, or the previous value of a scalar state."""
+    if ref.node in SOURCES:
+        return False
+    source = graph.nodes.get(ref.node)
+    if source is None:
+        return True  # an unknown name is reported on its own
+    if not ref.prev:
+        return source.scalar_output()
+    state = source.state_specs().get(source.PRIMARY_STATE)
+    return state is not None and state.kind is StateKind.SCALAR
+
+
 def _per_tensor_state(block) -> bool:
     state = block.state_specs().get(block.PRIMARY_STATE)
     return state is not None and state.kind is StateKind.TENSOR
@@ -85,6 +98,14 @@ def check_graph(graph: GraphSpec) -> list[tuple[str, tuple]]:
                     (f"node {name!r} reads {ref!r}, a state with one value per parameter tensor, which no block "
                      "takes as an input (`@prev` reads elementwise or scalar states); read the node's output instead",
                      ("nodes", name, port))
+                )
+    for name, block in graph.nodes.items():
+        for port in block.scalar_ports():
+            ref = block.inputs()[port]
+            if not _scalar_value(graph, parse_ref(ref)):
+                problems.append(
+                    (f"node {name!r} is a scalar map, but {port!r} reads {ref!r}, a full-size value; a scalar map reads "
+                     "scalar maps, scalar states (`@prev`), $hyperparameters and step", ("nodes", name, port))
                 )
     if graph.output not in graph.nodes:
         hint = difflib.get_close_matches(graph.output, names, n=1)

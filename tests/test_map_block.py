@@ -202,3 +202,32 @@ nodes:
   u: {block: map, input: n, with: {b: n@prev}, expr: "x * b"}
 output: u
 """)
+
+
+def test_a_scalar_map_reads_only_scalar_values():
+    found = [str(p) for p in pytest.raises(SpecError, opdsl.load_spec, "spec.yaml", text=MAP_NODE.replace(
+        "NODE", 'scalar: true, with: {g: grad}, expr: "2 * g"')).value.problems]
+    assert len(found) == 1 and found[0].startswith("spec.yaml:5:")
+    assert "is a scalar map, but 'g' reads 'grad', a full-size value" in found[0]
+
+
+def test_a_kept_scalar_map_is_a_recurrence_from_its_initial_value():
+    """prod_t = prod_{t-1} * 0.5 from 1: one float64 value per bucket, shown in every parameter's state."""
+    spec = opdsl.load_spec("r.yaml", text="""\
+opdsl: 1
+name: r
+hyper: {lr: 1.0}
+nodes:
+  prod: {block: map, scalar: true, with: {p: prod@prev}, expr: "p * 0.5", keep: true, initial: 1}
+  u:    {block: map, input: grad, with: {prod: prod}, expr: "x * prod"}
+output: u
+""")
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    opt = opdsl.Optimizer(params, spec, compile=False)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert torch.equal(params[0].detach(), torch.full((3,), -(0.5 + 0.25 + 0.125)))
+    state = opt.state[params[1]]["prod.value"]
+    assert state.dtype == torch.float64 and state.shape == () and float(state) == 0.125

@@ -29,6 +29,10 @@ CASES = [
     ("sgd-plain", "sgd", "mlp", {"lr": 0.1}, torch.optim.SGD, {"lr": 0.1}, {"weight_decay": 1e-2}, False),
     ("adagrad", "adagrad", "mlp", {"lr_decay": 1e-3, "weight_decay": 1e-3, "initial_accumulator_value": 0.1}, torch.optim.Adagrad, {"lr_decay": 1e-3, "weight_decay": 1e-3, "initial_accumulator_value": 0.1}, {"lr": 0.05}, True),
     ("adamax", "adamax", "mlp", {"lr": 2e-3, "weight_decay": 1e-2}, torch.optim.Adamax, {"lr": 2e-3, "weight_decay": 1e-2}, {"betas": (0.8, 0.99)}, True),
+    ("nadam", "nadam", "mlp", {"lr": 2e-3, "weight_decay": 1e-2}, torch.optim.NAdam, {"lr": 2e-3, "weight_decay": 1e-2}, {"betas": (0.8, 0.99)}, True),
+    ("nadam-decoupled", "nadam", "lstm", {"weight_decay": 0.1, "decoupled_weight_decay": True, "momentum_decay": 8e-3}, torch.optim.NAdam, {"weight_decay": 0.1, "decoupled_weight_decay": True, "momentum_decay": 8e-3}, {"lr": 1e-3}, False),
+    ("radam", "radam", "transformer", {"lr": 1e-3, "weight_decay": 1e-2}, torch.optim.RAdam, {"lr": 1e-3, "weight_decay": 1e-2}, {"betas": (0.9, 0.99)}, True),
+    ("radam-decoupled", "radam", "mlp", {"weight_decay": 0.1, "decoupled_weight_decay": True}, torch.optim.RAdam, {"weight_decay": 0.1, "decoupled_weight_decay": True}, {"lr": 3e-3}, False),
     ("rmsprop", "rmsprop", "transformer", {"lr": 1e-3}, torch.optim.RMSprop, {"lr": 1e-3}, {"weight_decay": 1e-2}, True),
     ("rmsprop-centered-momentum", "rmsprop", "mlp", {"lr": 1e-3, "centered": True, "momentum": 0.9}, torch.optim.RMSprop, {"lr": 1e-3, "centered": True, "momentum": 0.9}, {"alpha": 0.9}, False),
 ]
