@@ -66,16 +66,12 @@ gradient is ``grad``, the second's ``grad2``; the returned loss is the first cal
 """
 from __future__ import annotations
 
-import difflib
-import os
-import sys
-import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from opdsl.advice import Advice, flattened_refusal, moved_cause, warn_user
 from opdsl.compiled.fusion import fuse
-from opdsl.compiled.layout import FlatBuffers
 from opdsl.compiled.lowering import build_step, due_key, reads_source
 from opdsl.errors import BindError, StateDictError
 from opdsl.loader import load_spec
@@ -93,7 +89,6 @@ from opdsl.plan import (
     shared_state_keys,
 )
 from opdsl.schedule import DueFlag, StepClock
-from opdsl.blocks.base import Scope
 from opdsl.spec import MAIN_GRAPH, Spec
 from opdsl.state_view import InstalledState
 
@@ -158,11 +153,8 @@ class Optimizer(torch.optim.Optimizer):
         self._seen: list[dict[str, Any]] = []
         self._skipped: torch.Tensor | None = None
         self._clocks: list[StepClock] = []
-        self._warned_no_gradient = False
+        self._advice = Advice(spec)
         self._value_checks: dict[str, GroupValueCheck] = {}  # by graph name
-        self._warned_unread: set[tuple[str, str]] = set()  # (graph, group key) warned about once
-        self._warned_typos: set[str] = set()
-        self._warned_flattened = False
         self._reads: list[frozenset[tuple[str, int | None]]] = []  # per group: what its graph reads
         self._key_counts: list[int] = []  # per group: len(group) when its keys were last looked at
         self._first_written = False  # grad2 specs: whether the closure's first call wrote a gradient
@@ -244,29 +236,13 @@ class Optimizer(torch.optim.Optimizer):
             self._rebuild()
 
     def _check_flattened(self, group: Mapping[str, Any]) -> None:
-        """FSDP1 (use_orig_params=False) hands the optimizer one flattened 1-D shard per rank and module, in
-        which no tensor, row or model-wide sum can be told: refuse graphs that need one; warn that routing
-        rules see 1-D shards."""
+        """FSDP1's flattened shards: refused by graphs that reduce per tensor or over the model."""
         flat = [p for p in group["params"] if getattr(p, "_is_flat_param", False)]
-        if not flat:
-            return
-        graph = self.spec.graphs[group["graph"]]
-        needs = [f"{name!r} ({block.block}, {block.scope().value})" for name, block in graph.nodes.items()
-                 if block.scope() is not Scope.ELEMENTWISE]
-        if needs:
-            raise BindError(
-                f"parameter {self._name(flat[0])} is FSDP's flattened shard (FSDP1 with use_orig_params=False), but "
-                f"graph {group['graph']!r} of spec {self.spec.name!r} reduces over tensors or the model in "
-                f"{', '.join(needs)}, which a shard of flattened parameters cannot give: use DDP, or a spec whose "
-                "blocks are all elementwise"
-            )
-        if self.spec.groups and not self._warned_flattened:
-            self._warned_flattened = True
-            _warn_user(
-                f"spec {self.spec.name!r} routes parameters by shape or name, but FSDP1 with use_orig_params=False "
-                f"hands it flattened 1-D shards ({self._name(flat[0])} went to graph {group['graph']!r} as one): "
-                "routing rules then see no matrix, bias or name; use DDP, or a spec without `groups` rules"
-            )
+        if flat:
+            refusal = flattened_refusal(self.spec, group["graph"], self._name(flat[0]))
+            if refusal:
+                raise BindError(refusal)
+            self._advice.flattened_routes(self._name(flat[0]), group["graph"])
 
     def _follows_lr(self, explicit: Mapping[str, Any], route: Any) -> bool:
         """A spec's ``initial_lr`` (lr_0 of schedule-relative decay) defaults to the group's lr."""
@@ -299,7 +275,7 @@ class Optimizer(torch.optim.Optimizer):
             )
         named_rules = [r for r in self.spec.groups if r.match.needs_names]
         if named_rules and not any(id(p) in self._names for p in params):
-            _warn_user(
+            warn_user(
                 f"spec {self.spec.name!r} routes by parameter name but the parameters came without names; "
                 "pass model.named_parameters()"
             )
@@ -402,7 +378,7 @@ class Optimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             if len(group) != self._key_counts[gi]:
                 self._key_counts[gi] = len(group)
-                self._warn_mistyped_keys(gi, group)
+                self._advice.mistyped_keys(gi, group)
             seen = self._seen[gi]
             changed = [k for k in self._hyper_names if force or seen.get(k, _UNSET) != _mark(group[k])]
             if not changed:
@@ -410,7 +386,7 @@ class Optimizer(torch.optim.Optimizer):
             if not force:
                 for k in changed:
                     if k in seen and _unread_change(k, seen[k], _mark(group[k]), self._reads[gi]):
-                        self._warn_unread(gi, group, k)
+                        self._advice.unread(gi, group["graph"], k, self._reads[gi])
             env = float_env(group, self._hyper_names)
             graph = group["graph"]
             check = self._value_checks.get(graph) or self._value_checks.setdefault(graph, GroupValueCheck(self.spec, graph))
@@ -464,7 +440,7 @@ class Optimizer(torch.optim.Optimizer):
             if moved:
                 raise RuntimeError(
                     f"parameter {self._where(bucket, moved[0])} no longer points into the optimizer's flat buffer, "
-                    f"so a step would not reach it: {_moved_cause(bucket.flat.params[moved[0]])}"
+                    f"so a step would not reach it: {moved_cause(bucket.flat.params[moved[0]])}"
                 )
             missing = bucket.flat.gather_grads()
             if missing is None:
@@ -478,7 +454,7 @@ class Optimizer(torch.optim.Optimizer):
         if not any_grad:
             return loss
         if not (self._first_written if self._needs_grad2 else any(b.flat.written() for b in self._buckets)):
-            self._warn_no_gradient()
+            self._advice.no_gradient()
             return loss
         buckets = self._buckets
         for clock in self._clocks:
@@ -498,51 +474,6 @@ class Optimizer(torch.optim.Optimizer):
         if self.on_nonfinite == "error" and not bool(ok):
             raise FloatingPointError("a gradient holds inf or NaN; the step was skipped (parameters and state unchanged)")
         return loss
-
-    def _warn_unread(self, gi: int, group: Mapping[str, Any], key: str) -> None:
-        """A value changed that the group's graph never reads: say so once per graph and key."""
-        graph = group["graph"]
-        if (graph, key) in self._warned_unread:
-            return
-        self._warned_unread.add((graph, key))
-        reads = self._reads[gi]
-        read = ", ".join(f"{n}[{i}]" if i is not None else n for n, i in sorted(reads, key=lambda r: (r[0], r[1] or -1)))
-        hint = ""
-        if key == "betas" and any(n == "momentum" for n, _ in reads):
-            hint = (
-                " torch's schedulers with cycle_momentum=True cycle betas[0] whenever the optimizer has `betas`; "
-                "this graph's momentum is `momentum`: pass cycle_momentum=False, or set group['momentum'] yourself."
-            )
-        _warn_user(
-            f"param_groups[{gi}][{key!r}] changed, but graph {graph!r} of spec {self.spec.name!r}, which this group "
-            f"follows, does not read what changed, so the change has no effect (it reads: {read}).{hint} "
-            "This warning is shown once per graph and key."
-        )
-
-    def _warn_mistyped_keys(self, gi: int, group: Mapping[str, Any]) -> None:
-        """A group key close to a hyperparameter's name is probably a typo that would be silently ignored."""
-        for key in group:
-            if key in self._hyper_names or key in _GROUP_KEYS or key in self._warned_typos:
-                continue
-            close = difflib.get_close_matches(key, self._hyper_names, n=1, cutoff=0.8)
-            if close:
-                self._warned_typos.add(key)
-                _warn_user(
-                    f"param_groups[{gi}] has a key {key!r}, which spec {self.spec.name!r} does not read (did you mean "
-                    f"{close[0]!r}?); it is kept, as torch keeps any key, and has no effect"
-                )
-
-    def _warn_no_gradient(self) -> None:
-        """step() found no gradient written since the buffers were zeroed: torch would see every .grad None."""
-        if self._warned_no_gradient:
-            return
-        self._warned_no_gradient = True
-        _warn_user(
-            "opdsl.Optimizer.step() found no gradient written since the optimizer was built or zero_grad() "
-            "was called, so it stepped nothing, as torch.optim does when every .grad is None. (A gradient "
-            "written only through `p.grad.data` is not seen: write `p.grad` in place or assign it.) "
-            "This warning is shown once."
-        )
 
     def _two_gradients(self, closure: Callable[[], Any]) -> Any:
         """Run the closure twice at the same parameters; keep the first gradient aside."""
@@ -677,7 +608,7 @@ class Optimizer(torch.optim.Optimizer):
                 f"but this optimizer runs spec {self.spec.name!r} (digest {self.spec.digest})"
             )
         if meta.get("digest") != self.spec.digest:
-            _warn_user(
+            warn_user(
                 f"spec {self.spec.name!r} changed since this state_dict was saved (digest {meta.get('digest')} -> "
                 f"{self.spec.digest}); loading state by node name"
             )
@@ -735,10 +666,6 @@ class Optimizer(torch.optim.Optimizer):
 
 
 _UNSET = object()
-# keys a group holds besides hyperparameters: opdsl's own and those torch's schedulers add
-_GROUP_KEYS = frozenset(
-    {"params", "param_names", "graph", "initial_lr", "max_lr", "min_lr", "base_lr", "max_momentum", "base_momentum", "swa_lr"}
-)
 _KEPT_STEPS = 8  # compiled steps kept per optimizer (plans a run flips between)
 
 
@@ -774,31 +701,6 @@ def _mark(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return (type(value), tuple(_mark(v) for v in value))
     return (type(value), value)
-
-
-_INTERNAL_DIRS = tuple(os.path.dirname(f) + os.sep for f in (__file__, torch.__file__))
-
-
-def _warn_user(message: str) -> None:
-    """Warn at the user's line: the first caller outside opdsl and torch (whose wrappers around ``step``
-    vary in depth)."""
-    frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, stacklevel=level)
-
-
-def _moved_cause(p: torch.Tensor) -> str:
-    """Why a parameter's ``.data`` left its flat buffer, and what to do, as far as it can be told."""
-    if FlatBuffers.holds(p):
-        return "another opdsl optimizer was built over it and moved it into its own buffer; use one optimizer per parameter"
-    if getattr(p, "_fsdp_flattened", False):
-        return ("FSDP points it at its own flat parameter (use_orig_params=True, or a forward run before the "
-                "optimizer was built); wrap with use_orig_params=False and build the optimizer before the first forward")
-    return ("its .data was re-assigned after the optimizer was built: by moving the module to another device or "
-            "dtype (build the optimizer after), by ZeroRedundancyOptimizer(parameters_as_bucket_view=True) (pass "
-            "False), or by torch.distributed's model averaging, which assigns p.data (average in place instead: "
-            "dist.all_reduce(p.data), then p.data.div_(world_size))")
 
 
 def _unread_change(key: str, old: Any, new: Any, reads: frozenset[tuple[str, int | None]]) -> bool:
