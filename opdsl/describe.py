@@ -37,7 +37,7 @@ def describe_optimizer(opt: "Optimizer") -> str:
             total_state += state
             rows.append(
                 (
-                    name or f"<unnamed {i}>",
+                    name or f"params[{bucket.group_index}][{bucket.positions[i]}]",  # its place in param_groups
                     "x".join(map(str, p.shape)) or "scalar",
                     f"{bucket.group_index}",
                     group["graph"],

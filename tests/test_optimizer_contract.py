@@ -247,7 +247,11 @@ def test_describe_lists_every_parameter_graph_rule_and_state():
 def test_adamw_keeps_eight_bytes_per_parameter():
     model = make_model("mlp")
     opt = opdsl.Optimizer(model.parameters(), "adamw", compile=False)
-    assert "8.00 bytes per parameter value" in opt.describe()
+    text = opt.describe()
+    assert "8.00 bytes per parameter value" in text
+    # parameters without names are labelled by their place in param_groups, one label each
+    labels = [line.split()[0] for line in text.splitlines() if line.startswith("params[")]
+    assert labels == [f"params[0][{k}]" for k in range(len(list(model.parameters())))]
 
 
 def test_route_embeddings_and_head_by_name_to_adamw():
