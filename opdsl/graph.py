@@ -90,7 +90,8 @@ def check_graph(graph: GraphSpec) -> list[tuple[str, tuple]]:
                 source = graph.nodes[parsed.node]
                 hint = f" ({source.PREV_NEEDS})" if source.PREV_NEEDS else ""
                 problems.append(
-                    (f"node {name!r} reads {ref!r}, but this {source.block!r} block keeps no state{hint}",
+                    (f"node {name!r} reads {ref!r}, but this {source.block!r} block keeps no state that `@prev` "
+                     f"reads{hint}",
                      ("nodes", name, port))
                 )
             elif parsed.prev and _per_tensor_state(graph.nodes[parsed.node]):

@@ -109,7 +109,7 @@ output: u
 @pytest.mark.parametrize(
     ("node", "line", "fragment"),
     [
-        ('with: {v: u@prev}, expr: "max($beta * v, abs(x))"', 5, "keeps no state (set `keep: true` on it)"),
+        ('with: {v: u@prev}, expr: "max($beta * v, abs(x))"', 5, "keeps no state that `@prev` reads (set `keep: true` on it)"),
         ('expr: "x * y"', 5, "unknown name 'y'"),
         ('expr: "x * $betta"', 5, "unknown hyperparameter '$betta'; did you mean '$beta'?"),
         ('with: {step: u@prev}, expr: "x", keep: true', 5, "input name 'step' cannot be used"),
