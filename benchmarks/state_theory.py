@@ -151,6 +151,10 @@ THEORY: dict[str, Theory] = {
     "adamax": Theory(
         "m and the running maximum u = max(b2 u, |g| + eps), both full-size (torch.optim.Adamax's update rule)",
         full(2)),
+    "lamb": Theory(
+        "m and v, full-size; the trust ratio is recomputed from the parameter and the update every step "
+        "(You et al. 2020, Algorithm 2)",
+        full(2)),
     "nadam": Theory(
         "m and v, full-size, and the product of the momentum schedule mu_1...mu_t, one shared scalar "
         "(torch.optim.NAdam's mu_product)",

@@ -11,6 +11,10 @@ expr: "max($betas[1] * u, abs(x) + $eps)", keep: true}``; a mask of agreeing sig
 optimizers) is ``"m * x > 0"``. A part that reads no input (``1 - $beta ** step``) is computed once per
 step, not once per element.
 
+``tensor_sum``, ``tensor_mean`` and ``tensor_norm`` reduce their argument over each parameter tensor and
+give that value at every element of it: LAMB's trust ratio is ``"x * where(tensor_norm(p) > 0 and
+tensor_norm(x) > 0, tensor_norm(p) / tensor_norm(x), 1)"`` with ``with: {p: param}``.
+
 With ``scalar: true`` the node is one value per step instead (float64 where the device has it), read by
 other nodes through ``with``: a named piece of scalar arithmetic (RAdam's rectification), or with
 ``keep: true`` and ``initial:`` a recurrence over steps (NAdam's product of momenta, ``initial: 1``). A
@@ -24,8 +28,8 @@ from typing import Annotated, Any, Callable, ClassVar, Literal
 import torch
 from pydantic import Field, FiniteFloat, PlainSerializer, StrictBool, WithJsonSchema, field_validator
 
-from opdsl.blocks.base import Block, Ref, StateKind, StateSpec
-from opdsl.expr import DTYPE, EXPRESSION_WORDS, HOIST, Expr, parse_expr
+from opdsl.blocks.base import Block, Ref, Scope, StateKind, StateSpec
+from opdsl.expr import DTYPE, EXPRESSION_WORDS, HOIST, PER_TENSOR, PER_TENSOR_FUNCTIONS, Expr, parse_expr
 
 _INPUT = "x"
 # the fields' own names too: `opdsl show` prints `with` entries beside the fields
@@ -81,11 +85,23 @@ class Map(Block):
             raise ValueError(f"`with` input(s) {', '.join(unused)} are not read by the expression; remove them")
         return expr
 
+    @field_validator("scalar")
+    @classmethod
+    def _scalar_reads_no_tensor(cls, value: bool, info: Any) -> bool:
+        used = sorted(set(PER_TENSOR_FUNCTIONS) & info.data["expr"].functions) if "expr" in info.data else []
+        if value and used:
+            raise ValueError(f"a scalar map has no tensors to reduce: {', '.join(used)} needs `scalar: false`")
+        return value
+
+    def scope(self) -> Scope:
+        return Scope.TENSOR if set(PER_TENSOR_FUNCTIONS) & self.expr.functions else Scope.ELEMENTWISE
+
     def problems_at(self, evaluate: Callable[[Any], Any]) -> list[tuple[str | None, str]]:
         """The fields', and the expression's at these values with every input 1: an index out of range,
         a list not indexed, a division by a zero constant are found where the spec is read, not mid-step."""
         problems = super().problems_at(evaluate)
-        ones = {name: torch.ones((), dtype=torch.float64) for name in self.expr.variables}
+        ones: dict[str, Any] = {name: torch.ones((), dtype=torch.float64) for name in self.expr.variables}
+        ones[PER_TENSOR] = lambda name, v: v
         try:
             evaluate(self.expr.bound(ones))
         except (ValueError, TypeError, ArithmeticError, RuntimeError, IndexError) as err:
@@ -123,11 +139,29 @@ class Map(Block):
         # an elementwise map gives a parameter-like value whatever its inputs (one may be a float64 scalar
         # state); a scalar map one value in the step count's precision
         dtype, shape = (ctx.step.dtype, ()) if self.scalar else (ctx.param.dtype, ctx.value_shape)
-        env = {**ctx.env, HOIST: ctx.once, DTYPE: dtype, _INPUT: x["input"], **{n: x[n] for n in self.with_}}
-        out = torch.as_tensor(self.expr.evaluate(env), device=ctx.param.device).to(dtype)
+        env = {**ctx.env, HOIST: ctx.once, DTYPE: dtype, PER_TENSOR: lambda name, v: _per_tensor(ctx, name, v),
+               _INPUT: x["input"], **{n: x[n] for n in self.with_}}
+        out = self.expr.evaluate(env)  # a number stays exact: made a tensor of `dtype` directly, not of float32 first
+        out = out.to(dtype) if isinstance(out, torch.Tensor) else torch.as_tensor(out, dtype=dtype, device=ctx.param.device)
         if out.shape != shape:
             out = out.expand(shape)
         return out, ({"value": out} if self.keep else {})
+
+
+def _per_tensor(ctx, name: str, value: Any) -> torch.Tensor:
+    """tensor_sum / tensor_mean / tensor_norm of ``value`` over each parameter, at every element of it."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():  # a number, a count: the params' type
+        value = torch.as_tensor(value, dtype=ctx.param.dtype, device=ctx.param.device)
+    if value.shape != ctx.value_shape:
+        value = value.expand(ctx.value_shape).contiguous()
+    if value.dtype in (torch.bfloat16, torch.float16):
+        value = value.float()  # sums in at least float32
+    if name == "tensor_norm":
+        return ctx.expand(ctx.segment_sum(value * value).sqrt())
+    total = ctx.segment_sum(value)
+    if name == "tensor_mean":
+        total = total / torch.tensor([s.numel for s in ctx.segments], dtype=total.dtype, device=total.device)
+    return ctx.expand(total)
 
 
 def _read_names(text: str) -> set[str]:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Seque
 import torch
 from torch import Tensor
 
-__all__ = ["Expr", "ExprSyntaxError", "ExprEvalError", "MissingHyperError", "parse_expr", "is_expr", "MAX_DEPTH", "EXPRESSION_WORDS", "HOIST", "DTYPE"]
+__all__ = ["Expr", "ExprSyntaxError", "ExprEvalError", "MissingHyperError", "parse_expr", "is_expr", "MAX_DEPTH", "EXPRESSION_WORDS", "HOIST", "DTYPE", "PER_TENSOR", "PER_TENSOR_FUNCTIONS"]
 
 #: Deeper nesting (parentheses, calls, prefix operators) is refused; it bounds parser and evaluator recursion.
 MAX_DEPTH = 32
@@ -140,6 +140,12 @@ _FUNCTIONS: dict[str, tuple[int, Callable[..., Any]]] = {
     "min": (2, _numeric(_extremum(min, torch.minimum, "max"))),
     "max": (2, _numeric(_extremum(max, torch.maximum, "min"))),
 }
+#: Functions over each parameter tensor: the map block reduces its argument over every tensor and
+#: broadcasts the result back (the function the environment holds under :data:`PER_TENSOR` does it).
+PER_TENSOR_FUNCTIONS = ("tensor_sum", "tensor_mean", "tensor_norm")
+_FUNCTIONS.update({name: (1, name) for name in PER_TENSOR_FUNCTIONS})  # resolved in _apply
+#: Environment key of ``reduce(function name, value)`` for :data:`PER_TENSOR_FUNCTIONS`.
+PER_TENSOR = "$per_tensor"
 #: Environment key of the dtype that plain numbers become where a function makes a tensor of them alone
 #: (``where(c, 0.1, 0.3)``); names cannot clash with it.
 DTYPE = "$dtype"
@@ -236,8 +242,18 @@ def _indexed(name: str, index: int, source: str) -> _Fn:
     return _marked(run, free=True, simple=True)
 
 
-def _apply(function: Callable[..., Any], args: Sequence[_Fn]) -> _Fn:
+def _apply(function: Callable[..., Any] | str, args: Sequence[_Fn]) -> _Fn:
     free, args = _combined(args)
+    if isinstance(function, str):  # a per-tensor function: one value per tensor, never computed once
+        name, (arg,) = function, args
+
+        def per_tensor(env: Env) -> Any:
+            reduce = env.get(PER_TENSOR)
+            if reduce is None:
+                raise ExprEvalError(f"{name}() reduces over each parameter tensor: it belongs in a map node's expr")
+            return reduce(name, _num(arg(env)))
+
+        return _marked(per_tensor, free=False)
     if function is _where:
         return _marked(lambda env: _where(*[arg(env) for arg in args], env.get(DTYPE)), free)
     return _marked(lambda env: function(*[arg(env) for arg in args]), free)
@@ -344,6 +360,7 @@ class _Parser:
         self.tok = next(self.tokens)
         self.hypers: set[str] = set()
         self.reads: set[tuple[str, int | None]] = set()  # (hyper, index read, or None for the whole value)
+        self.functions: set[str] = set()
         self.uses_step = False
         self.depth = 0
 
@@ -478,6 +495,7 @@ class _Parser:
             inputs = f"; inputs: {', '.join(sorted(self.variables))}" if self.variables else ""
             raise ExprSyntaxError(f"unknown {what} {token.text!r}{hint}; {_ALLOWED}{inputs}", token.col)
         arity, function = _FUNCTIONS[token.text]
+        self.functions.add(token.text)
         self.expect("(")
         args = [self.nested(self.or_expr)]
         while self.accept(","):
@@ -505,6 +523,7 @@ class Expr:
     _run: _Fn = field(repr=False, compare=False)
     reads: frozenset[tuple[str, int | None]] = frozenset()
     variables: frozenset[str] = frozenset()
+    functions: frozenset[str] = frozenset()
 
     def evaluate(self, env: Env) -> Any:
         """Value at ``env`` (hyper name -> number, bool, tuple/list, or 0-d tensor; ``"step"`` -> 1-based step).
@@ -523,7 +542,10 @@ class Expr:
     def bound(self, values: Mapping[str, Any]) -> "Expr":
         """This expression with some names given values (the map block's inputs, to check it early)."""
         run = self._run
-        return Expr(self.source, self.hypers, self.uses_step, lambda env: run({**env, **values}), self.reads, self.variables)
+        return Expr(
+            self.source, self.hypers, self.uses_step, lambda env: run({**env, **values}), self.reads, self.variables,
+            self.functions,
+        )
 
     def __str__(self) -> str:
         return self.source
@@ -541,7 +563,9 @@ def parse_expr(text: str, variables: Iterable[str] = ()) -> Expr:
     names = frozenset(variables)
     parser = _Parser(text, names)
     run = parser.parse()
-    return Expr(text, frozenset(parser.hypers), parser.uses_step, run, frozenset(parser.reads), names)
+    return Expr(
+        text, frozenset(parser.hypers), parser.uses_step, run, frozenset(parser.reads), names, frozenset(parser.functions)
+    )
 
 
 _STEP_OR_CALL = re.compile(r"\bstep\b|\b[A-Za-z_][A-Za-z0-9_]*\s*\(")

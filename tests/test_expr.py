@@ -236,7 +236,7 @@ def test_syntax_errors(text, fragment, col):
 def test_unknown_names_list_what_is_allowed():
     with pytest.raises(ExprSyntaxError) as err:
         parse_expr("gamma(2)")
-    assert "abs, exp, log, max, min, sign, sqrt, where" in err.value.message and "$hyperparameters" in err.value.message
+    assert "abs, exp, log, max, min, sign, sqrt, tensor_mean, tensor_norm, tensor_sum, where" in err.value.message and "$hyperparameters" in err.value.message
 
 
 def test_long_flat_expressions_are_fine():

@@ -6,6 +6,7 @@ author meets while writing one."""
 from __future__ import annotations
 
 import copy
+import re
 import pickle
 
 import pytest
@@ -231,3 +232,63 @@ output: u
     assert torch.equal(params[0].detach(), torch.full((3,), -(0.5 + 0.25 + 0.125)))
     state = opt.state[params[1]]["prod.value"]
     assert state.dtype == torch.float64 and state.shape == () and float(state) == 0.125
+
+
+def lamb_reference(params, grads_per_step, lr=1e-2, b1=0.9, b2=0.999, eps=1e-6, wd=1e-2):
+    """You et al. 2020, Algorithm 2 (phi(z) = z) in float64; the trust ratio is 1 where a norm is 0."""
+    params = [p.detach().clone() for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    for t, grads in enumerate(grads_per_step, start=1):
+        for i, g in enumerate(grads):
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            u = (m[i] / (1 - b1**t)) / ((v[i] / (1 - b2**t)).sqrt() + eps) + wd * params[i]
+            p_norm, u_norm = params[i].norm(), u.norm()
+            trust = p_norm / u_norm if p_norm > 0 and u_norm > 0 else 1.0
+            params[i] = params[i] - lr * trust * u
+    return params
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_lamb_per_tensor_trust_ratio_matches_its_equations(compiled):
+    model = make_model("mlp", torch.float64)
+    with torch.no_grad():
+        model[2].bias.zero_()  # a zero tensor: its trust ratio is 1 at the first step
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = opdsl.Optimizer(model.parameters(), "lamb", lr=1e-2, compile=compiled)
+    grads_per_step = []
+    for step in range(30):
+        opt.zero_grad()
+        loss_of(model, "mlp", step, torch.float64).backward()
+        grads_per_step.append([p.grad.detach().clone() for p in model.parameters()])
+        opt.step()
+    expected = lamb_reference(start, grads_per_step)
+    assert max((a - b).abs().max().item() for a, b in zip(model.parameters(), expected)) < 1e-12
+
+
+def test_per_tensor_functions_reduce_over_each_tensor():
+    spec = opdsl.load_spec("t.yaml", text=MAP_NODE.replace(
+        "NODE", 'with: {p: param}, expr: "tensor_sum(x) + 10 * tensor_mean(p) + 100 * tensor_norm(1)"'))
+    params = [torch.nn.Parameter(torch.tensor([1.0, 3.0], dtype=torch.float64)),
+              torch.nn.Parameter(torch.tensor([[2.0, 2.0], [2.0, 6.0]], dtype=torch.float64))]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
+    opdsl.Optimizer(params, spec, compile=False).step()
+    for p, b in zip(params, before):
+        expected = p.grad.sum() + 10 * b.mean() + 100 * b.numel() ** 0.5
+        assert torch.allclose((b - p.detach()) / 0.1, expected.expand_as(b), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        (MAP_NODE.replace("NODE", 'scalar: true, expr: "tensor_sum(1)"'), "a scalar map has no tensors to reduce"),
+        (GOOD_FIELD := MAP_NODE.replace("{block: map, input: grad, NODE}", '{block: ema, input: grad, beta: "tensor_mean(1)"}'),
+         "it belongs in a map node's expr"),
+    ],
+)
+def test_per_tensor_functions_outside_an_elementwise_map_are_refused(text, fragment):
+    with pytest.raises(SpecError, match=re.escape(fragment)):
+        opdsl.load_spec("spec.yaml", text=text)
