@@ -143,7 +143,9 @@ class Map(Block):
                _INPUT: x["input"], **{n: x[n] for n in self.with_}}
         out = self.expr.evaluate(env)  # a number stays exact: made a tensor of `dtype` directly, not of float32 first
         out = out.to(dtype) if isinstance(out, torch.Tensor) else torch.as_tensor(out, dtype=dtype, device=ctx.param.device)
-        if out.shape != shape:
+        if self.scalar:
+            out = ctx.once(out)  # realised once per step: not re-derived inside every elementwise loop that reads it
+        elif out.shape != shape:
             out = out.expand(shape)
         return out, ({"value": out} if self.keep else {})
 
