@@ -139,7 +139,15 @@ class Map(Block):
         # an elementwise map gives a parameter-like value whatever its inputs (one may be a float64 scalar
         # state); a scalar map one value in the step count's precision
         dtype, shape = (ctx.step.dtype, ()) if self.scalar else (ctx.param.dtype, ctx.value_shape)
-        env = {**ctx.env, HOIST: ctx.once, DTYPE: dtype, PER_TENSOR: lambda name, v: _per_tensor(ctx, name, v),
+        reduced: dict[tuple[str, int], tuple[Any, torch.Tensor]] = {}
+
+        def per_tensor(name: str, value: Any) -> torch.Tensor:  # `tensor_norm(p)` written three times: one reduction
+            key = (name, id(value))
+            if key not in reduced:
+                reduced[key] = (value, _per_tensor(ctx, name, value))  # the value is kept, so its id stays unique
+            return reduced[key][1]
+
+        env = {**ctx.env, HOIST: ctx.once, DTYPE: dtype, PER_TENSOR: per_tensor,
                _INPUT: x["input"], **{n: x[n] for n in self.with_}}
         out = self.expr.evaluate(env)  # a number stays exact: made a tensor of `dtype` directly, not of float32 first
         out = out.to(dtype) if isinstance(out, torch.Tensor) else torch.as_tensor(out, dtype=dtype, device=ctx.param.device)
