@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -204,6 +204,11 @@ class Block(BaseModel):
         """Ports that must read scalar values (a scalar map's inputs)."""
         return []
 
+    def missing_state(self, name: str, own: Mapping[str, torch.Tensor], step: torch.Tensor | None) -> torch.Tensor | None:
+        """The value of state ``name`` for a checkpoint written before the block kept it, from the node's
+        other saved states ``own`` and the saved step count; None if it cannot be told (loading refuses)."""
+        return None
+
     def has_prev(self) -> bool:
         """Whether ``node@prev`` can read this node: it keeps its primary state in this configuration."""
         return self.PRIMARY_STATE is not None and self.PRIMARY_STATE in self.state_specs()
@@ -222,11 +227,48 @@ class Block(BaseModel):
         problems = self.problems_at(evaluate_at(1.0))
         if problems or self.step_field_hypers() is None:
             return problems
-        for step in steps or STEP_SAMPLES:
-            later = self.problems_at(evaluate_at(float(step)))
-            if later:
-                return [(field, f"at step {step}: {message}") for field, message in later]
-        return []
+        first = self._first_bad_step(evaluate_at, list(steps or STEP_SAMPLES))
+        if first is None:
+            return []
+        return [(field, f"at step {first}: {message}") for field, message in self.problems_at(evaluate_at(float(first)))]
+
+    def _first_bad_step(self, evaluate_at: Callable[[Any], Callable[[Scalar], Any]], steps: list[int]) -> int | None:
+        """The first step at which a field that reads ``step`` leaves its range or is not finite, searched at
+        ``steps`` all at once (one evaluation over a float64 tensor of them: it runs whenever a scheduler
+        changes a value such a field reads), then bisected down to the exact step."""
+        ranges = scalar_ranges(type(self))
+        fields = [(name, v) for name, v in self.scalar_fields() if isinstance(v, Expr) and v.uses_step]
+
+        def bad(name: str, expr: Expr, at: Any) -> Any:
+            value = torch.as_tensor(evaluate_at(at)(expr), dtype=torch.float64)
+            rng = ranges.get(name.split("[")[0], ScalarRange())
+            out = ~torch.isfinite(value)
+            for bound, fails in ((rng.ge, value < (rng.ge or 0)), (rng.gt, value <= (rng.gt or 0)),
+                                 (rng.le, value > (rng.le or 0)), (rng.lt, value >= (rng.lt or 0))):
+                if bound is not None:
+                    out = out | fails
+            return out
+
+        samples = torch.tensor(steps, dtype=torch.float64)
+        first = None
+        for name, expr in fields:
+            try:
+                flags = bad(name, expr, samples)
+            except (ValueError, TypeError, ArithmeticError):
+                flags = torch.tensor([bool(self.problems_at(evaluate_at(float(s)))) for s in steps])
+            if not bool(flags.any()):
+                continue
+            k = int(flags.nonzero()[0])
+            lo, hi = (steps[k - 1] if k else 1), steps[k]  # lo is fine (step 1 was checked), hi is not
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                try:
+                    fails = bool(bad(name, expr, float(mid)).any())
+                except (ValueError, TypeError, ArithmeticError):
+                    fails = True
+                lo, hi = (lo, mid) if fails else (mid, hi)
+            first = hi if first is None else min(first, hi)
+        return first
 
     def check_values(self, evaluate: Callable[[Scalar], Any]) -> list[str]:
         """Check every scalar field at concrete hyperparameter values (a finite number, in its range).

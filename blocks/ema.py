@@ -38,6 +38,12 @@ class EMA(Block):
             specs["started"] = StateSpec(StateKind.SCALAR)
         return specs
 
+    def missing_state(self, name, own, step):
+        """Checkpoints written before ``started`` existed: the buffer had started if any step was taken."""
+        if name == "started" and "value" in own and step is not None:
+            return (step.reshape(()) > 0).to(torch.float64)
+        return None
+
     def forward(self, ctx, x, state, totals=None):
         m, g = state["value"], power(x["input"], self.power)
         beta = ctx.value(self.beta)

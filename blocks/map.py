@@ -1,7 +1,8 @@
 """An elementwise expression over the node's inputs: the arithmetic no other block has.
 
     out = f(x, a, b, ...)          x = input, a, b, ... = the nodes named in ``with``
-    value_t = out_t                with keep: true, so that ``node@prev`` reads out_{t-1} (0 before step 1)
+    value_t = out_t                with keep: true, so that ``node@prev`` reads out_{t-1} (``initial``, 0 by
+                                   default, before step 1)
 
 ``expr`` is written in the expression language of the scalar fields (numbers, ``$hyper``, ``step``,
 ``+ - * / **``, comparisons, ``and or not``, ``sqrt exp log abs sign min max where``) plus the names
@@ -29,11 +30,11 @@ import torch
 from pydantic import Field, FiniteFloat, PlainSerializer, StrictBool, WithJsonSchema, field_validator
 
 from opdsl.blocks.base import Block, Ref, Scope, StateKind, StateSpec
-from opdsl.expr import DTYPE, EXPRESSION_WORDS, HOIST, PER_TENSOR, PER_TENSOR_FUNCTIONS, Expr, parse_expr
+from opdsl.expr import DTYPE, EXPRESSION_WORDS, HOIST, PER_TENSOR, PER_TENSOR_FUNCTIONS, Expr, parse_expr, variables
 
 _INPUT = "x"
 # the fields' own names too: `opdsl show` prints `with` entries beside the fields
-_RESERVED = {_INPUT, "input", "with", "expr", "keep", "block", "if", "else", *EXPRESSION_WORDS}
+_RESERVED = {_INPUT, "input", "with", "expr", "keep", "initial", "scalar", "block", "if", "else", *EXPRESSION_WORDS}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # what the expression's tokenizer reads as a name
 
 
@@ -100,10 +101,11 @@ class Map(Block):
         """The fields', and the expression's at these values with every input 1: an index out of range,
         a list not indexed, a division by a zero constant are found where the spec is read, not mid-step."""
         problems = super().problems_at(evaluate)
-        ones: dict[str, Any] = {name: torch.ones((), dtype=torch.float64) for name in self.expr.variables}
-        ones[PER_TENSOR] = lambda name, v: v
+        ones = {name: torch.ones((), dtype=torch.float64) for name in self.expr.variables}
         try:
-            evaluate(self.expr.bound(ones))
+            value = evaluate(self.expr.bound(ones, {PER_TENSOR: lambda name, v: v}))
+            if isinstance(value, (tuple, list)):
+                raise TypeError(f"it gives the list {list(value)}; a map gives one number per element (index it)")
         except (ValueError, TypeError, ArithmeticError, RuntimeError, IndexError) as err:
             said = str(err).startswith("cannot evaluate") or repr(self.expr.source) in str(err)
             text = str(err) if said else f"cannot evaluate {self.expr.source!r}: {err}"
@@ -111,7 +113,7 @@ class Map(Block):
         return problems
 
     def __hash__(self) -> int:  # compiled steps are cached by plan, blocks included; `with` is a dict
-        return hash((self.input, tuple(self.with_.items()), self.expr.source, self.keep, self.initial, self.scalar,
+        return hash((self.input, tuple(sorted(self.with_.items())), self.expr.source, self.keep, self.initial, self.scalar,
                      self.when, self.otherwise))
 
     def scalar_output(self) -> bool:
@@ -148,7 +150,7 @@ class Map(Block):
             return reduced[key][1]
 
         env = {**ctx.env, HOIST: ctx.once, DTYPE: dtype, PER_TENSOR: per_tensor,
-               _INPUT: x["input"], **{n: x[n] for n in self.with_}}
+               **variables({_INPUT: x["input"], **{n: x[n] for n in self.with_}})}
         out = self.expr.evaluate(env)  # a number stays exact: made a tensor of `dtype` directly, not of float32 first
         out = out.to(dtype) if isinstance(out, torch.Tensor) else torch.as_tensor(out, dtype=dtype, device=ctx.param.device)
         if self.scalar:

@@ -153,7 +153,7 @@ class FlatBuffers:
         counter it shares with the buffer: one host-side read, no look at the values. A write through
         ``p.grad.data`` is not counted (``.data`` has a counter of its own).
         """
-        return self.grad._version != self._zeroed_at
+        return self._zeroed_at is None or self.grad._version != self._zeroed_at
 
     def gather_grads(self) -> list[int] | None:
         """Make the gradient buffer hold every ``p.grad``; return indices of params whose grad is None.
@@ -204,14 +204,16 @@ class FlatBuffers:
         self.zero_grad(set_to_none=False)
         return previous
 
-    def zero_grad(self, set_to_none: bool) -> None:
+    def zero_grad(self, set_to_none: bool, zeros_are_gradients: bool = False) -> None:
+        """Clear the gradients: to None, or to zero views, which count as no gradient yet (the next step
+        steps nothing unless one is written) or, with ``zeros_are_gradients``, as zero gradients."""
         if set_to_none:
             for p in self.params:
                 p.grad = None
         else:
             self.grad.zero_()
             self.install_grad_views(keep_values=False)
-            self._zeroed_at = self.grad._version
+            self._zeroed_at = None if zeros_are_gradients else self.grad._version
 
     def moved_params(self) -> list[int]:
         """Indices of parameters whose ``.data`` no longer lives in the flat buffer (re-assigned, or the module

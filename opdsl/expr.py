@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Seque
 import torch
 from torch import Tensor
 
-__all__ = ["Expr", "ExprSyntaxError", "ExprEvalError", "MissingHyperError", "parse_expr", "is_expr", "MAX_DEPTH", "EXPRESSION_WORDS", "HOIST", "DTYPE", "PER_TENSOR", "PER_TENSOR_FUNCTIONS"]
+__all__ = ["Expr", "ExprSyntaxError", "ExprEvalError", "MissingHyperError", "parse_expr", "is_expr", "MAX_DEPTH", "EXPRESSION_WORDS", "HOIST", "DTYPE", "PER_TENSOR", "PER_TENSOR_FUNCTIONS", "variables"]
 
 #: Deeper nesting (parentheses, calls, prefix operators) is refused; it bounds parser and evaluator recursion.
 MAX_DEPTH = 32
@@ -95,33 +95,48 @@ def _sign(value: float) -> float:
     return 0.0 if value == 0 else math.copysign(1.0, value)
 
 
+def _number_type(tensor: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The float type numbers and comparisons take beside ``tensor``: one value (a per-step scalar) keeps
+    float64 where the device has it, as the step count does; a full-size one takes ``dtype`` (the map
+    block's parameters'), else torch's default."""
+    if tensor.dim() == 0:
+        return torch.float32 if tensor.device.type == "mps" else torch.float64
+    return dtype or torch.get_default_dtype()
+
+
 def _where(condition: Any, a: Any, b: Any, dtype: torch.dtype | None = None) -> Any:
     """``a`` where ``condition`` holds, else ``b``: elementwise once a tensor is involved. Two plain numbers
-    are made tensors of ``dtype`` (the map block's parameters' dtype), not of torch's default float32."""
-    a, b = _num(a), _num(b)
+    become tensors of :func:`_number_type` (not float32: 0.999 in a bfloat16 tensor is 1)."""
+    if any(isinstance(v, (tuple, list)) for v in (a, b)):
+        raise TypeError("a list where one number goes; index it, e.g. $betas[0]")
+    a, b = _num(a, dtype), _num(b, dtype)
     if not any(isinstance(v, Tensor) for v in (condition, a, b)):
         return a if condition else b
     if not isinstance(condition, Tensor):
         condition = torch.as_tensor(bool(condition))
     if not isinstance(a, Tensor) and not isinstance(b, Tensor):
-        kind = dtype or torch.get_default_dtype()
+        kind = _number_type(condition, dtype)
         a, b = (torch.tensor(v, dtype=kind, device=condition.device) for v in (a, b))
     return torch.where(condition.bool(), a, b)
 
 
-def _num(value: Any) -> Any:
-    """A comparison's bool tensor as a number tensor (torch adds two bool tensors as a logical or)."""
-    return value.to(torch.int32) if isinstance(value, Tensor) and value.dtype == torch.bool else value
+def _num(value: Any, dtype: torch.dtype | None = None) -> Any:
+    """A comparison's bool tensor as 1 and 0 (torch adds two bool tensors as a logical or)."""
+    if isinstance(value, Tensor) and value.dtype == torch.bool:
+        return value.to(_number_type(value, dtype))
+    return value
 
 
 def _numeric(function: Callable[..., Any]) -> Callable[..., Any]:
-    """``function`` with comparisons among its arguments read as 1 and 0, and no list among them."""
+    """``function`` with comparisons among its arguments read as 1 and 0, and no list among them; it takes
+    the environment's :data:`DTYPE` as ``dtype``."""
 
-    def apply(*args: Any) -> Any:
+    def apply(*args: Any, dtype: torch.dtype | None = None) -> Any:
         if any(isinstance(a, (tuple, list)) for a in args):
             raise TypeError("a list where one number goes; index it, e.g. $betas[0]")
-        return function(*map(_num, args))
+        return function(*(_num(a, dtype) for a in args))
 
+    apply.numeric = True  # type: ignore[attr-defined]
     return apply
 
 
@@ -146,6 +161,15 @@ PER_TENSOR_FUNCTIONS = ("tensor_sum", "tensor_mean", "tensor_norm")
 _FUNCTIONS.update({name: (1, name) for name in PER_TENSOR_FUNCTIONS})  # resolved in _apply
 #: Environment key of ``reduce(function name, value)`` for :data:`PER_TENSOR_FUNCTIONS`.
 PER_TENSOR = "$per_tensor"
+#: Prefix of a variable's key in the environment: a variable never stands in for `$name` of the same name.
+_VARIABLE = "%"
+
+
+def variables(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Environment entries for variables (the map block's inputs), beside the hyperparameters."""
+    return {_VARIABLE + name: value for name, value in values.items()}
+
+
 #: Environment key of the dtype that plain numbers become where a function makes a tensor of them alone
 #: (``where(c, 0.1, 0.3)``); names cannot clash with it.
 DTYPE = "$dtype"
@@ -256,10 +280,12 @@ def _apply(function: Callable[..., Any] | str, args: Sequence[_Fn]) -> _Fn:
         return _marked(per_tensor, free=False)
     if function is _where:
         return _marked(lambda env: _where(*[arg(env) for arg in args], env.get(DTYPE)), free)
-    return _marked(lambda env: function(*[arg(env) for arg in args]), free)
+    return _marked(lambda env: function(*[arg(env) for arg in args], dtype=env.get(DTYPE)), free)
 
 
-def _unary(op: Callable[[Any], Any], operand: _Fn) -> _Fn:
+def _unary(op: Callable[..., Any], operand: _Fn) -> _Fn:
+    if getattr(op, "numeric", False):
+        return _marked(lambda env: op(operand(env), dtype=env.get(DTYPE)), _is_free(operand))
     return _marked(lambda env: op(operand(env)), _is_free(operand))
 
 
@@ -274,10 +300,12 @@ def _chain(first: _Fn, rest: Sequence[tuple[Callable[[Any, Any], Any], _Fn]]) ->
     free, parts = _combined([first, *(fn for _, fn in rest)])
     first, rest = parts[0], [(op, fn) for (op, _), fn in zip(rest, parts[1:])]
 
+    numeric = [getattr(op, "numeric", False) for op, _ in rest]
+
     def run(env: Env) -> Any:
-        value = first(env)
-        for op, operand in rest:
-            value = op(value, operand(env))
+        value, dtype = first(env), env.get(DTYPE)
+        for (op, operand), with_dtype in zip(rest, numeric):
+            value = op(value, operand(env), dtype=dtype) if with_dtype else op(value, operand(env))
         return value
 
     return _marked(run, free)
@@ -488,7 +516,7 @@ class _Parser:
         if token.text in ("true", "false"):
             return _constant(token.text == "true")
         if token.text in self.variables:
-            return _lookup(token.text, token.text, self.text, variable=True)
+            return _lookup(_VARIABLE + token.text, token.text, self.text, variable=True)
         if token.text not in _FUNCTIONS:
             what = "function" if self.tok.text == "(" else "name"
             hint = "" if what == "function" else f" (a hyperparameter is written ${token.text})"
@@ -539,11 +567,12 @@ class Expr:
         except (ArithmeticError, TypeError, ValueError) as err:
             raise ExprEvalError(f"cannot evaluate {self.source!r}: {err}") from err
 
-    def bound(self, values: Mapping[str, Any]) -> "Expr":
-        """This expression with some names given values (the map block's inputs, to check it early)."""
-        run = self._run
+    def bound(self, values: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> "Expr":
+        """This expression with its variables given values, and ``extra`` environment entries (the map
+        block checks its expression early this way)."""
+        run, fixed = self._run, {**variables(values), **(extra or {})}
         return Expr(
-            self.source, self.hypers, self.uses_step, lambda env: run({**env, **values}), self.reads, self.variables,
+            self.source, self.hypers, self.uses_step, lambda env: run({**env, **fixed}), self.reads, self.variables,
             self.functions,
         )
 

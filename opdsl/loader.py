@@ -238,6 +238,7 @@ class _SpecBuilder:
     def _resolve_uses(self, spec: Spec) -> Spec:
         graphs = dict(spec.graphs)
         hyper = dict(spec.hyper)
+        used_require: dict[str, tuple[Requirement, ...]] = {}
         for index, route in enumerate(spec.groups):
             if route.use is None or route.use in graphs:
                 continue
@@ -259,9 +260,11 @@ class _SpecBuilder:
                 self.problems.append(Problem(where, f"`use: {route.use}` must name a spec with one graph and no groups"))
                 continue
             graphs[route.use] = used.main
+            if used.require:
+                used_require[route.use] = used.require
             for key, value in used.hyper.items():
                 hyper.setdefault(key, value)
-        return spec.model_copy(update={"graphs": graphs, "hyper": hyper})
+        return spec.model_copy(update={"graphs": graphs, "hyper": hyper, "used_require": used_require})
 
     # ---- cross-checks: graph structure, hyper references, ranges at the defaults --------------------
     def _check(self, spec: Spec) -> None:
@@ -283,6 +286,11 @@ class _SpecBuilder:
                 self.problem(("groups", index, "hyper", "lr"), problem)
         for index, requirement in enumerate(spec.require):
             self._check_requirement(spec, index, requirement)
+        for index, route in enumerate(spec.groups):  # a used spec's own requirements, at this route's values
+            for requirement in spec.used_require.get(route.use, ()) if route.use else ():
+                env = {**spec.hyper, **route.hyper}
+                for message in requirement_problems([requirement], env):
+                    self.problem(("groups", index, "use"), f"in `use: {route.use}`: {message}")
         for gname, graph in spec.graphs.items():
             path = () if gname == MAIN_GRAPH else ("graphs", gname)
             used = gname not in (MAIN_GRAPH,) and any(r.use == gname for r in spec.groups)

@@ -18,8 +18,9 @@ whose graph does not read it (``cycle_momentum`` cycles ``betas[0]``, but Muon's
 ``momentum``) and a group key that looks like a mistyped hyperparameter are each warned about once.
 
 Semantics that differ from torch.optim, on purpose:
-- ``zero_grad()`` zeroes the flat gradient buffer (``set_to_none=False`` by default): gradients stay
-  views, so backward accumulates into the buffer and the step reads it with no gather. A parameter that
+- ``zero_grad()`` zeroes the flat gradient buffer by default: gradients stay views, so backward
+  accumulates into the buffer and the step reads it with no gather (``set_to_none=False`` zeroes them
+  the same way, as torch does, and counts them as zero gradients). A parameter that
   receives no gradient is then stepped with a zero gradient. ``zero_grad(set_to_none=True)`` restores
   torch's behaviour (a parameter whose ``.grad`` is None is left untouched, state included), at the cost
   of one gather per step. A ``step()`` that finds no gradient written at all since the optimizer was
@@ -208,10 +209,10 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"can't optimize a non-leaf Tensor ({self._name(p)})")
             if type(p.data) is not torch.Tensor:  # a wrapper subclass: FSDP2's and tensor parallelism's DTensor
                 raise BindError(
-                    f"parameter {self._name(p)} is a {type(p.data).__name__} (FSDP2's fully_shard and tensor "
-                    "parallelism make parameters DTensors); opdsl steps parameters it can move into flat buffers "
-                    "of plain tensors: use DDP, FSDP1 with use_orig_params=False (building the optimizer "
-                    "before the first forward), or a torch.optim optimizer"
+                    f"parameter {self._name(p)} is a {type(p.data).__name__}, a tensor subclass (FSDP2's fully_shard "
+                    "and tensor parallelism make parameters DTensors); opdsl steps parameters it can move into flat "
+                    "buffers of plain tensors: with FSDP2 or tensor parallelism use DDP, FSDP1 with "
+                    "use_orig_params=False (building the optimizer before the first forward), or a torch.optim optimizer"
                 )
             if id(p) in here:
                 raise ValueError(f"parameter {self._name(p)} appears twice in one parameter group; list it once")
@@ -228,6 +229,7 @@ class Optimizer(torch.optim.Optimizer):
             if self._follows_lr(explicit, route):
                 group["initial_lr"] = group["lr"]  # LR schedulers setdefault() this same value
             group["graph"] = key
+            group["spec"] = self.spec.name  # kept by checkpoint helpers that drop the state_dict's own entry
             group["params"] = route_params
             group["param_names"] = [self._name(p) for p in route_params]
             self._check_flattened(group)
@@ -253,7 +255,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _split_by_route(self, params: list[torch.Tensor]):
         if not params:  # an empty group stays one (empty) group, as in torch: ZeRO hands some ranks one
-            yield MAIN_GRAPH, [], None
+            yield (MAIN_GRAPH if MAIN_GRAPH in self.spec.graphs else next(iter(self.spec.graphs))), [], None
             return
         routed: dict[str, list[torch.Tensor]] = {}
         routes: dict[str, Any] = {}
@@ -373,8 +375,13 @@ class Optimizer(torch.optim.Optimizer):
         self._start_clocks()  # step counters may have been reset or replaced
 
     def _sync_hypers(self, force: bool = False) -> None:
-        """Copy changed group values into the 0-d tensors the step reads; re-plan if a condition flips."""
-        replan = False
+        """Copy changed group values into the 0-d tensors the step reads; re-plan if a condition flips.
+
+        Every changed group is checked before any is applied, so a refused value in one group leaves the
+        others' changes pending (a condition flipped there still re-plans once the user fixes the first).
+        ``force`` (a re-plan) applies every value: ``build_buckets`` has just checked them all.
+        """
+        pending = []
         for gi, group in enumerate(self.param_groups):
             if len(group) != self._key_counts[gi]:
                 self._key_counts[gi] = len(group)
@@ -383,16 +390,20 @@ class Optimizer(torch.optim.Optimizer):
             changed = [k for k in self._hyper_names if force or seen.get(k, _UNSET) != _mark(group[k])]
             if not changed:
                 continue
+            env = float_env(group, self._hyper_names)
+            if not force:
+                graph = group["graph"]
+                check = self._value_checks.get(graph) or self._value_checks.setdefault(graph, GroupValueCheck(self.spec, graph))
+                check(env, f"param_groups[{gi}]", changed)
+            pending.append((gi, group, changed, env))
+        replan = False
+        for gi, group, changed, env in pending:
+            seen = self._seen[gi]
             if not force:
                 for k in changed:
                     if k in seen and _unread_change(k, seen[k], _mark(group[k]), self._reads[gi]):
                         self._advice.unread(gi, group["graph"], k, self._reads[gi])
-            env = float_env(group, self._hyper_names)
-            graph = group["graph"]
-            check = self._value_checks.get(graph) or self._value_checks.setdefault(graph, GroupValueCheck(self.spec, graph))
-            check(env, f"param_groups[{gi}]", None if force else changed)
-            if not force and conditions_of(self.spec, group["graph"], env) != self._conditions[gi]:
-                replan = True
+                replan |= conditions_of(self.spec, group["graph"], env) != self._conditions[gi]
             for (g, device), tensors in self._envs.items():
                 if g == gi:
                     _write_env(tensors, env, changed, device)
@@ -488,9 +499,14 @@ class Optimizer(torch.optim.Optimizer):
             closure()
         return loss
 
-    def zero_grad(self, set_to_none: bool = False) -> None:
+    def zero_grad(self, set_to_none: bool | None = None) -> None:
+        """Clear every gradient. By default the gradient buffer is zeroed and the views kept, and until a
+        backward writes a gradient the step steps nothing, as torch's does after its default
+        ``zero_grad()`` (every ``.grad`` None). ``set_to_none=False`` zeroes them as torch does with that
+        argument: zero gradients, which the step applies (decay and momentum act). ``True`` sets them to None.
+        """
         for bucket in self._buckets:
-            bucket.flat.zero_grad(set_to_none)
+            bucket.flat.zero_grad(bool(set_to_none), zeros_are_gradients=set_to_none is False)
 
     @property
     def skipped_steps(self) -> int:
@@ -535,11 +551,15 @@ class Optimizer(torch.optim.Optimizer):
                 if dormant:
                     dormant_state[id(p)] = dormant
                 for key, dest in target.items():
-                    if key not in entry:
+                    src = entry.get(key)
+                    if src is None and "." in key:  # a state the node's block added since the checkpoint
+                        node, name = key.split(".", 1)
+                        own = {k.split(".", 1)[1]: v for k, v in entry.items() if k.startswith(node + ".")}
+                        src = nodes[node].missing_state(name, own, entry.get("step")) if node in nodes else None
+                    if src is None:
                         if strict:
                             problems.append(f"parameter {self._name(p)}: missing state {key!r}")
                         continue
-                    src = entry[key]
                     if tuple(src.shape) != tuple(dest.shape):
                         problems.append(
                             f"parameter {self._name(p)}: state {key!r} has shape {tuple(src.shape)}, "
@@ -634,7 +654,7 @@ class Optimizer(torch.optim.Optimizer):
                 by_index[idx] = p
         for saved, group in zip(groups, self.param_groups):
             for key, value in saved.items():
-                if key not in ("params", "param_names", "graph"):
+                if key not in ("params", "param_names", "graph", "spec"):
                     group[key] = value
         saved_state = {id(by_index[i]): s for i, s in state_dict["state"].items() if i in by_index}
         self._refresh_state_views()  # what is loaded replaces any edit of self.state
@@ -650,11 +670,17 @@ class Optimizer(torch.optim.Optimizer):
         rebuild it (they keep ``state`` and ``param_groups`` only): opdsl's if every group names a graph of
         this spec. The spec's digest cannot be compared, and the skipped-step count is not restored."""
         groups = state_dict.get("param_groups")
-        if groups and all(isinstance(g, Mapping) and g.get("graph") in self.spec.graphs for g in groups):
+        if groups and all(isinstance(g, Mapping) and g.get("spec") == self.spec.name for g in groups):
             return {"spec": self.spec.name, "digest": self.spec.digest}
+        named = {g.get("spec") for g in groups or () if isinstance(g, Mapping)} - {None}
+        if named:
+            raise StateDictError(
+                f"state_dict was written by spec {', '.join(map(repr, sorted(named)))}, but this optimizer runs "
+                f"spec {self.spec.name!r}"
+            )
         raise StateDictError(
-            f"this state_dict was not written by opdsl (no 'opdsl' entry, and its param_groups name no graph of "
-            f"spec {self.spec.name!r}); it cannot be loaded into an opdsl optimizer running spec {self.spec.name!r}"
+            f"this state_dict was not written by opdsl (no 'opdsl' entry, and its param_groups name no spec); it "
+            f"cannot be loaded into an opdsl optimizer running spec {self.spec.name!r}"
         )
 
     def __repr__(self) -> str:

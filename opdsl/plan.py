@@ -148,7 +148,7 @@ class GroupValueCheck:
 
     def __init__(self, spec: Spec, graph: str):
         self.spec_name = spec.name
-        self.requirements = spec.require
+        self.requirements = (*spec.require, *spec.used_require.get(graph, ()))
         self.nodes = [
             (name, block, _field_hypers(block), block.step_field_hypers())
             for name, block in spec.graphs[graph].nodes.items()

@@ -190,6 +190,8 @@ class Spec(_Model):
     graphs: dict[str, GraphSpec] = Field(default_factory=dict)
     groups: tuple[Route, ...] = ()
     require: tuple[Requirement, ...] = ()
+    # the requirements of specs pulled in by `use:`, by graph name: they hold for the groups of that graph
+    used_require: dict[str, tuple[Requirement, ...]] = Field(default_factory=dict, exclude=True)
     source: Union[str, None] = Field(None, exclude=True, description="file the spec came from")
 
     @field_validator("opdsl")

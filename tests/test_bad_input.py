@@ -407,3 +407,20 @@ def test_sgd_refuses_nesterov_without_momentum_as_torch_does():
         with pytest.raises(ValueError, match="Nesterov momentum requires a momentum and zero dampening"):
             torch.optim.SGD(params, **bad)
         assert "require:" in str(ours.value)
+
+
+def test_a_used_specs_requirements_hold_for_its_route(tmp_path):
+    (tmp_path / "main.yaml").write_text(textwrap.dedent("""\
+        opdsl: 1
+        name: main
+        hyper: {lr: 0.1}
+        nodes:
+          s: {block: sign, input: grad}
+        output: s
+        groups:
+          - match: {ndim: 1}
+            use: sgd
+            hyper: {nesterov: true}
+        """))
+    with pytest.raises(SpecError, match=r"main.yaml:9:.*in `use: sgd`: Nesterov momentum requires a momentum"):
+        opdsl.load_spec(str(tmp_path / "main.yaml"))

@@ -35,7 +35,7 @@ def test_a_dtensor_parameter_is_refused_by_name(one_rank):
 
     mesh = init_device_mesh("cpu", (1,))
     weight = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Replicate()]))
-    with pytest.raises(BindError, match=r"parameter w is a DTensor \(FSDP2's fully_shard.*use DDP"):
+    with pytest.raises(BindError, match=r"parameter w is a DTensor, a tensor subclass \(FSDP2's fully_shard.*use DDP"):
         opdsl.Optimizer([("w", weight)], compile=False)
 
 
@@ -97,3 +97,27 @@ def test_fsdp_flattened_shards_are_refused_where_the_graph_reduces_and_routing_i
     with pytest.warns(UserWarning, match="routes parameters by shape or name, but FSDP1"):
         opdsl.Optimizer([_flattened(40)], "muon", compile=False)  # a 1-D shard routes to the AdamW graph
     opdsl.Optimizer([_flattened(40)], "lion", compile=False)  # elementwise, no routing: nothing to say
+
+
+def test_a_state_dict_without_opdsl_entry_of_another_spec_is_refused():
+    model = make_model("mlp")
+    adamw = opdsl.Optimizer(model.parameters(), "adamw", compile=False)
+    _train(model, adamw, range(1))
+    saved = {k: v for k, v in adamw.state_dict().items() if k != "opdsl"}  # as the checkpoint helpers keep it
+    with pytest.raises(opdsl.errors.StateDictError, match="written by spec 'adamw', but this optimizer runs spec 'adam'"):
+        opdsl.Optimizer(model.parameters(), "adam", compile=False).load_state_dict(saved)
+
+
+def test_an_empty_group_of_a_spec_without_a_main_graph_takes_its_first_graph():
+    spec = opdsl.load_spec("g.yaml", text="""\
+opdsl: 1
+name: g
+hyper: {lr: 0.1}
+graphs:
+  a: {nodes: {s: {block: sign, input: grad}}, output: s}
+groups:
+  - match: {}
+    graph: a
+""")
+    opt = opdsl.Optimizer([{"params": [nn.Parameter(torch.zeros(2))]}, {"params": []}], spec, compile=False)
+    assert [g["graph"] for g in opt.param_groups] == ["a", "a"]

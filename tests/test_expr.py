@@ -284,7 +284,7 @@ def test_is_expr(candidate, expected):
 
 def test_parts_that_read_no_variable_go_through_the_hoist_once():
     """The map block computes `1 - $b ** step` once per step (BlockContext.once), not once per element."""
-    from opdsl.expr import HOIST
+    from opdsl.expr import HOIST, variables
 
     seen = []
 
@@ -293,7 +293,7 @@ def test_parts_that_read_no_variable_go_through_the_hoist_once():
         return value
 
     x = torch.tensor([1.0, 2.0])
-    env = {"b": torch.tensor(0.5), "a": torch.tensor(3.0), "step": torch.tensor(2.0), "x": x, HOIST: hoist}
+    env = {"b": torch.tensor(0.5), "a": torch.tensor(3.0), "step": torch.tensor(2.0), **variables({"x": x}), HOIST: hoist}
     out = parse_expr("x / (1 - $b ** step) + $a * $b * x - $a", {"x"}).evaluate(env)
     assert torch.allclose(out, x / 0.75 + 1.5 * x - 3.0)
     assert seen == [0.75, 1.5]  # the compound parts; plain `$a` is read as it is

@@ -292,3 +292,23 @@ def test_per_tensor_functions_reduce_over_each_tensor():
 def test_per_tensor_functions_outside_an_elementwise_map_are_refused(text, fragment):
     with pytest.raises(SpecError, match=re.escape(fragment)):
         opdsl.load_spec("spec.yaml", text=text)
+
+
+def test_a_with_input_never_stands_in_for_a_hyperparameter_of_its_name():
+    got = _one_step("x * 0 + beta * 0 + $beta", with_="{beta: param}")
+    assert got == [pytest.approx(0.9)] * 4
+
+
+def test_a_map_that_gives_a_list_is_refused():
+    with pytest.raises(SpecError, match="it gives the list"):
+        opdsl.load_spec("spec.yaml", text=MAP_NODE.replace("beta: 0.9", "betas: [0.9, 0.99]").replace("NODE", 'expr: "$betas"'))
+
+
+def test_where_of_numbers_in_a_per_step_part_keeps_float64_in_bfloat16():
+    """`where($warm > 0, 0.9, 0.999)` is one value per step: 0.999 in bfloat16 would be 1, and 1 - 1 ** t = 0."""
+    spec = opdsl.load_spec("w.yaml", text=MAP_NODE.replace("beta: 0.9", "warm: 0.0").replace(
+        "NODE", 'expr: "x / (1 - where($warm > 0, 0.9, 0.999) ** step)"'))
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    p.grad = torch.full((3,), 1e-3, dtype=torch.bfloat16)
+    opdsl.Optimizer([p], spec, compile=False).step()
+    assert torch.isfinite(p.detach()).all() and abs(float(p.detach()[0]) + 0.1) < 2e-3  # -lr * 1e-3 / (1 - 0.999)

@@ -346,3 +346,48 @@ def test_a_mistyped_group_key_is_warned_and_a_duplicate_parameter_named():
     weight = model[0].weight
     with pytest.raises(ValueError, match="appears twice in one parameter group"):
         opdsl.Optimizer([weight, weight], compile=False)
+
+
+def test_zero_grad_set_to_none_false_gives_zero_gradients_as_in_torch():
+    ours, ref = twin()
+    opt = opdsl.Optimizer(ours.parameters(), "adamw", lr=1e-2, weight_decay=0.1, compile=False)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    lockstep([(ours, opt), (ref, ref_opt)], 2)
+    for o in (opt, ref_opt):
+        o.zero_grad(set_to_none=False)  # said explicitly: zero gradients, which decay and momentum act on
+        o.step()
+    assert max_rel_diff(ours, ref) < TOL
+    assert opt.state_dict()["state"][0]["step"] == ref_opt.state_dict()["state"][0]["step"] == 3
+
+
+def test_a_refused_group_value_leaves_another_groups_switch_pending():
+    """Every changed group is checked before any is applied: group 0's momentum, switched on in the same
+    step() that group 1's bad value refused, still takes effect once group 1 is fixed."""
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    ref_a = nn.Parameter(torch.zeros(2))
+    opt = opdsl.Optimizer([{"params": [a]}, {"params": [b]}], "sgd", lr=0.1, compile=False)
+    ref_opt = torch.optim.SGD([ref_a], lr=0.1)
+    for step in range(3):
+        if step == 1:
+            opt.param_groups[0]["momentum"] = ref_opt.param_groups[0]["momentum"] = 0.9
+            opt.param_groups[1]["nesterov"] = True  # refused: no momentum in group 1
+            a.grad, b.grad = torch.ones(2), torch.ones(2)
+            with pytest.raises(ValueError, match="Nesterov momentum requires a momentum"):
+                opt.step()
+            opt.param_groups[1]["nesterov"] = False
+        a.grad, b.grad, ref_a.grad = torch.ones(2), torch.ones(2), torch.ones(2)
+        opt.step()
+        ref_opt.step()
+    assert torch.allclose(a.detach(), ref_a.detach())
+
+
+def test_an_sgd_checkpoint_from_before_the_started_flag_loads():
+    model = make_model("mlp")
+    opt = opdsl.Optimizer(model.parameters(), "sgd", lr=0.05, momentum=0.9, compile=False)
+    lockstep([(model, opt)], 2)
+    saved = opt.state_dict()
+    for entry in saved["state"].values():
+        del entry["buf.started"]  # as written before the flag existed
+    fresh = opdsl.Optimizer(model.parameters(), "sgd", lr=0.05, momentum=0.9, compile=False)
+    fresh.load_state_dict(saved)
+    assert all(float(fresh.state[p]["buf.started"]) == 1.0 for p in model.parameters())
