@@ -27,7 +27,7 @@ import re
 from typing import Annotated, Any, Callable, ClassVar, Literal
 
 import torch
-from pydantic import Field, FiniteFloat, PlainSerializer, StrictBool, WithJsonSchema, field_validator
+from pydantic import Field, FiniteFloat, PlainSerializer, StrictBool, WithJsonSchema, field_validator, model_validator
 
 from opdsl.blocks.base import Block, Ref, Scope, StateKind, StateSpec
 from opdsl.expr import DTYPE, EXPRESSION_WORDS, HOIST, PER_TENSOR, PER_TENSOR_FUNCTIONS, Expr, parse_expr, variables
@@ -42,7 +42,7 @@ class Map(Block):
     """out = expr(x = input, with-inputs...), elementwise; keep: true stores out for node@prev."""
 
     block: Literal["map"]
-    input: Ref = "grad"
+    input: Ref | None = Field(None, description="the value the expression reads as `x` (none: it reads no x)")
     with_: dict[str, Ref] = Field(default_factory=dict, alias="with", description="more inputs, by the name expr reads")
     expr: Annotated[Expr, PlainSerializer(str), WithJsonSchema({"type": ["string", "number"]})] = Field(
         description="an expression over x, the `with` names, $hyperparameters and step (or a number)"
@@ -77,11 +77,15 @@ class Map(Block):
         if not isinstance(value, str):
             raise ValueError(f"expected an expression (a string), got {type(value).__name__}")
         if "with_" in info.data:
-            names = {_INPUT, *info.data["with_"]}
+            names = {*([_INPUT] if info.data.get("input") is not None else []), *info.data["with_"]}
         else:  # `with` failed and is reported: read any name as an input rather than report it again
             names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", value)) - EXPRESSION_WORDS
+        read = _read_names(value)
+        if "with_" in info.data and (_INPUT in read) != (info.data.get("input") is not None):
+            raise ValueError("the expression reads x, the node's `input:`, which is not set" if _INPUT in read else
+                             "`input:` is read as x, which the expression does not read; remove it")
         expr = parse_expr(value, names)  # a syntax error names its column
-        unused = sorted(set(info.data.get("with_", {})) - _read_names(value))
+        unused = sorted(set(info.data.get("with_", {})) - read)
         if unused:
             raise ValueError(f"`with` input(s) {', '.join(unused)} are not read by the expression; remove them")
         return expr
@@ -103,7 +107,9 @@ class Map(Block):
         problems = super().problems_at(evaluate)
         ones = {name: torch.ones((), dtype=torch.float64) for name in self.expr.variables}
         try:
-            value = evaluate(self.expr.bound(ones, {PER_TENSOR: lambda name, v: v}))
+            # `step` as the step sees it (a tensor): a guarded 1 / (step - 1) is inf at step 1, not an error
+            probe = {PER_TENSOR: lambda name, v, of: v, "step": torch.ones((), dtype=torch.float64)}
+            value = evaluate(self.expr.bound(ones, probe))
             if isinstance(value, (tuple, list)):
                 raise TypeError(f"it gives the list {list(value)}; a map gives one number per element (index it)")
         except (ValueError, TypeError, ArithmeticError, RuntimeError, IndexError) as err:
@@ -111,6 +117,14 @@ class Map(Block):
             text = str(err) if said else f"cannot evaluate {self.expr.source!r}: {err}"
             problems.append(("expr", text))
         return problems
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Map":
+        if self.initial != 0.0 and not self.keep:
+            raise ValueError("`initial:` is the kept state's first value: it needs `keep: true`")
+        if self.when is not None and self.otherwise is None and self.input is None:
+            raise ValueError("a map switched by `if:` needs `else:`: it has no `input:` to pass through when off")
+        return self
 
     def __hash__(self) -> int:  # compiled steps are cached by plan, blocks included; `with` is a dict
         return hash((self.input, tuple(sorted(self.with_.items())), self.expr.source, self.keep, self.initial, self.scalar,
@@ -122,10 +136,10 @@ class Map(Block):
     def scalar_ports(self) -> list[str]:
         if not self.scalar:
             return []
-        return [*self.with_, *(["input"] if _INPUT in _read_names(self.expr.source) else [])]
+        return [*self.with_, *(["input"] if self.input is not None else [])]
 
     def inputs(self) -> dict[str, Ref]:
-        out = {"input": self.input, **self.with_}
+        out = {**({"input": self.input} if self.input is not None else {}), **self.with_}
         if self.otherwise is not None:
             out["else"] = self.otherwise
         return out
@@ -141,16 +155,19 @@ class Map(Block):
         # an elementwise map gives a parameter-like value whatever its inputs (one may be a float64 scalar
         # state); a scalar map one value in the step count's precision
         dtype, shape = (ctx.step.dtype, ()) if self.scalar else (ctx.param.dtype, ctx.value_shape)
-        reduced: dict[tuple[str, int], tuple[Any, torch.Tensor]] = {}
+        reduced: dict[tuple[str, str], torch.Tensor] = {}
 
-        def per_tensor(name: str, value: Any) -> torch.Tensor:  # `tensor_norm(p)` written three times: one reduction
-            key = (name, id(value))
-            if key not in reduced:
-                reduced[key] = (value, _per_tensor(ctx, name, value))  # the value is kept, so its id stays unique
-            return reduced[key][1]
+        def per_tensor(name: str, value: Any, of: str | None) -> torch.Tensor:
+            """`tensor_norm(p)` written three times is one reduction: memoised by function and variable name
+            (never by the tensor's identity, which dynamo would guard on: a fresh gradient view every step)."""
+            if of is None:
+                return _per_tensor(ctx, name, value)
+            if (name, of) not in reduced:
+                reduced[(name, of)] = _per_tensor(ctx, name, value)
+            return reduced[(name, of)]
 
         env = {**ctx.env, HOIST: ctx.once, DTYPE: dtype, PER_TENSOR: per_tensor,
-               **variables({_INPUT: x["input"], **{n: x[n] for n in self.with_}})}
+               **variables({**({_INPUT: x["input"]} if self.input is not None else {}), **{n: x[n] for n in self.with_}})}
         out = self.expr.evaluate(env)  # a number stays exact: made a tensor of `dtype` directly, not of float32 first
         out = out.to(dtype) if isinstance(out, torch.Tensor) else torch.as_tensor(out, dtype=dtype, device=ctx.param.device)
         if self.scalar:

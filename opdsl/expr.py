@@ -159,7 +159,7 @@ _FUNCTIONS: dict[str, tuple[int, Callable[..., Any]]] = {
 #: broadcasts the result back (the function the environment holds under :data:`PER_TENSOR` does it).
 PER_TENSOR_FUNCTIONS = ("tensor_sum", "tensor_mean", "tensor_norm")
 _FUNCTIONS.update({name: (1, name) for name in PER_TENSOR_FUNCTIONS})  # resolved in _apply
-#: Environment key of ``reduce(function name, value)`` for :data:`PER_TENSOR_FUNCTIONS`.
+#: Environment key of ``reduce(function name, value, variable key or None)`` for :data:`PER_TENSOR_FUNCTIONS`.
 PER_TENSOR = "$per_tensor"
 #: Prefix of a variable's key in the environment: a variable never stands in for `$name` of the same name.
 _VARIABLE = "%"
@@ -249,6 +249,7 @@ def _lookup(key: str, label: str, source: str, variable: bool = False) -> _Fn:
         except KeyError:
             raise MissingHyperError(f"{source!r} uses {label}, which has no value") from None
 
+    run.key = key  # type: ignore[attr-defined]
     return _marked(run, free=not variable, simple=True)
 
 
@@ -271,11 +272,13 @@ def _apply(function: Callable[..., Any] | str, args: Sequence[_Fn]) -> _Fn:
     if isinstance(function, str):  # a per-tensor function: one value per tensor, never computed once
         name, (arg,) = function, args
 
+        of = getattr(arg, "key", None)  # a variable's name: the map computes the reduction once
+
         def per_tensor(env: Env) -> Any:
             reduce = env.get(PER_TENSOR)
             if reduce is None:
                 raise ExprEvalError(f"{name}() reduces over each parameter tensor: it belongs in a map node's expr")
-            return reduce(name, _num(arg(env)))
+            return reduce(name, _num(arg(env), env.get(DTYPE)), of)
 
         return _marked(per_tensor, free=False)
     if function is _where:

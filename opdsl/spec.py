@@ -144,10 +144,14 @@ def requirement_problems(
             continue
         else:
             try:
-                holds = bool(req.check.evaluate(env))
+                value = req.check.evaluate(env)
             except ValueError as err:
                 problems.append(f"cannot evaluate `require: {req.check}`: {err}")
                 continue
+            if not isinstance(value, bool) and not (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+                problems.append(f"`require: {req.check}` is not a condition (it gives {value!r}); compare it: `... > 0`")
+                continue
+            holds = bool(value)
         if not holds:
             problems.append(f"{req.message} (require: {req.check})")
     return problems

@@ -424,3 +424,8 @@ def test_a_used_specs_requirements_hold_for_its_route(tmp_path):
         """))
     with pytest.raises(SpecError, match=r"main.yaml:9:.*in `use: sgd`: Nesterov momentum requires a momentum"):
         opdsl.load_spec(str(tmp_path / "main.yaml"))
+
+
+def test_a_requirement_that_is_not_a_condition_is_refused():
+    found = problems(REQUIRE.replace('"$beta < 0.95"', '"$beta"'))
+    assert len(found) == 1 and "is not a condition (it gives 0.9)" in found[0]

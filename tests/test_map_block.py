@@ -69,7 +69,7 @@ name: m
 hyper: {lr: 1.0}
 nodes:
   agree: {block: map, input: grad, with: {p: param}, expr: "where(x * p > 0, sign(x), 0) + (p < 0)"}
-  one:   {block: map, input: grad, expr: 1}
+  one:   {block: map, expr: 1}
   out:   {block: map, input: agree, with: {one: one}, expr: "x + 0.5 * one"}
 output: out
 """)
@@ -97,12 +97,17 @@ def test_a_spec_with_map_nodes_survives_deepcopy_and_pickle():
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
 
 
+def _node(fields: str) -> str:
+    """MAP_NODE with these fields, reading the gradient as `x` where the expression names x."""
+    return MAP_NODE.replace("NODE", ("input: grad, " if re.search(r"(?<![$\w])x(?!\w)", fields) else "") + fields)
+
+
 MAP_NODE = """\
 opdsl: 1
 name: e
 hyper: {lr: 0.1, beta: 0.9}
 nodes:
-  u: {block: map, input: grad, NODE}
+  u: {block: map, NODE}
 output: u
 """
 
@@ -120,13 +125,13 @@ output: u
 )
 def test_map_mistakes_are_located(node, line, fragment):
     with pytest.raises(SpecError) as info:
-        opdsl.load_spec("spec.yaml", text=MAP_NODE.replace("NODE", node))
+        opdsl.load_spec("spec.yaml", text=_node(node))
     found = [str(p) for p in info.value.problems]
     assert len(found) == 1 and found[0].startswith(f"spec.yaml:{line}:") and fragment in found[0], found
 
 
 def _one_step(expr: str, with_: str = "{p: param}", dtype=torch.float64, compiled: bool = False) -> list[float]:
-    spec = opdsl.load_spec("e.yaml", text=MAP_NODE.replace("NODE", f"with: {with_}, expr: \"{expr}\""))
+    spec = opdsl.load_spec("e.yaml", text=_node(f"with: {with_}, expr: \"{expr}\""))
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0, -4.0], dtype=dtype))
     p.grad = torch.tensor([2.0, 1.0, -1.0, -3.0], dtype=dtype)
     before = p.detach().clone()
@@ -187,7 +192,7 @@ output: u
 )
 def test_expression_mistakes_are_found_where_the_spec_is_read(node, fragment):
     with pytest.raises(SpecError) as info:
-        opdsl.load_spec("spec.yaml", text=MAP_NODE.replace("NODE", node))
+        opdsl.load_spec("spec.yaml", text=_node(node))
     found = [str(p) for p in info.value.problems]
     assert len(found) == 1 and found[0].startswith("spec.yaml:5:") and fragment in found[0], found
 
@@ -268,8 +273,8 @@ def test_lamb_per_tensor_trust_ratio_matches_its_equations(compiled):
 
 
 def test_per_tensor_functions_reduce_over_each_tensor():
-    spec = opdsl.load_spec("t.yaml", text=MAP_NODE.replace(
-        "NODE", 'with: {p: param}, expr: "tensor_sum(x) + 10 * tensor_mean(p) + 100 * tensor_norm(1)"'))
+    spec = opdsl.load_spec("t.yaml", text=_node(
+        'with: {p: param}, expr: "tensor_sum(x) + 10 * tensor_mean(p) + 100 * tensor_norm(1)"'))
     params = [torch.nn.Parameter(torch.tensor([1.0, 3.0], dtype=torch.float64)),
               torch.nn.Parameter(torch.tensor([[2.0, 2.0], [2.0, 6.0]], dtype=torch.float64))]
     for p in params:
@@ -285,7 +290,7 @@ def test_per_tensor_functions_reduce_over_each_tensor():
     ("text", "fragment"),
     [
         (MAP_NODE.replace("NODE", 'scalar: true, expr: "tensor_sum(1)"'), "a scalar map has no tensors to reduce"),
-        (GOOD_FIELD := MAP_NODE.replace("{block: map, input: grad, NODE}", '{block: ema, input: grad, beta: "tensor_mean(1)"}'),
+        (MAP_NODE.replace("{block: map, NODE}", '{block: ema, input: grad, beta: "tensor_mean(1)"}'),
          "it belongs in a map node's expr"),
     ],
 )
@@ -306,9 +311,61 @@ def test_a_map_that_gives_a_list_is_refused():
 
 def test_where_of_numbers_in_a_per_step_part_keeps_float64_in_bfloat16():
     """`where($warm > 0, 0.9, 0.999)` is one value per step: 0.999 in bfloat16 would be 1, and 1 - 1 ** t = 0."""
-    spec = opdsl.load_spec("w.yaml", text=MAP_NODE.replace("beta: 0.9", "warm: 0.0").replace(
-        "NODE", 'expr: "x / (1 - where($warm > 0, 0.9, 0.999) ** step)"'))
+    spec = opdsl.load_spec("w.yaml", text=_node('expr: "x / (1 - where($warm > 0, 0.9, 0.999) ** step)"').replace(
+        "beta: 0.9", "warm: 0.0"))
     p = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
     p.grad = torch.full((3,), 1e-3, dtype=torch.bfloat16)
     opdsl.Optimizer([p], spec, compile=False).step()
     assert torch.isfinite(p.detach()).all() and abs(float(p.detach()[0]) + 0.1) < 2e-3  # -lr * 1e-3 / (1 - 0.999)
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ('expr: "2 * x"', "the expression reads x, the node's `input:`, which is not set"),
+        ('input: grad, expr: "2"', "`input:` is read as x, which the expression does not read; remove it"),
+    ],
+)
+def test_x_is_read_exactly_when_an_input_is_given(fields, fragment):
+    with pytest.raises(SpecError, match=re.escape(fragment)):
+        opdsl.load_spec("spec.yaml", text=MAP_NODE.replace("NODE", fields))
+
+
+def test_a_per_tensor_function_of_the_gradient_compiles_once():
+    """Memoised by the variable's name, not the tensor's identity (a fresh gradient view every step, which
+    dynamo guarded on: a recompile per step, then the recompile limit)."""
+    from torch._dynamo.utils import counters
+
+    spec = opdsl.load_spec("n.yaml", text=_node('with: {g: grad}, expr: "x / (tensor_norm(g) + tensor_norm(x) + 1)"'))
+    model = make_model("mlp")
+    opt = opdsl.Optimizer(model.parameters(), spec)
+    for step in range(4):
+        opt.zero_grad()
+        loss_of(model, "mlp", step).backward()
+        opt.step()
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_per_tensor_mean_of_a_comparison_is_exact_in_float64():
+    spec = opdsl.load_spec("m.yaml", text=_node('expr: "tensor_mean(x > 0)"').replace("lr: 0.1", "lr: 1.0"))
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    p.grad = torch.tensor([2.0, 1.0, -1.0], dtype=torch.float64)
+    opdsl.Optimizer([p], spec, compile=False).step()
+    assert torch.equal(-p.detach(), torch.full((3,), 2 / 3, dtype=torch.float64))  # float32 had made it 2e-8 off
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ('expr: "x", initial: 1', "`initial:` is the kept state's first value: it needs `keep: true`"),
+        ('expr: "x", if: "$beta > 0.5"', "a map switched by `if:` needs `else:`"),
+    ],
+)
+def test_map_field_combinations_that_cannot_work_are_refused(fields, fragment):
+    with pytest.raises(SpecError, match=re.escape(fragment)):
+        opdsl.load_spec("spec.yaml", text=MAP_NODE.replace("NODE", fields.replace('expr: "x"', 'expr: "$beta"')))
+
+
+def test_a_guarded_division_by_the_step_is_accepted():
+    spec = opdsl.load_spec("g.yaml", text=_node('expr: "x * where(step == 1, 0, 1 / (step - 1))"'))
+    assert spec.graphs["main"].nodes["u"].block == "map"
