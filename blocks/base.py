@@ -209,6 +209,10 @@ class Block(BaseModel):
         other saved states ``own`` and the saved step count; None if it cannot be told (loading refuses)."""
         return None
 
+    def read_from_outside(self) -> bool:
+        """Whether the node's state is worth keeping even if it feeds nothing (read from ``optimizer.state``)."""
+        return False
+
     def has_prev(self) -> bool:
         """Whether ``node@prev`` can read this node: it keeps its primary state in this configuration."""
         return self.PRIMARY_STATE is not None and self.PRIMARY_STATE in self.state_specs()

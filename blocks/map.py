@@ -130,6 +130,9 @@ class Map(Block):
         return hash((self.input, tuple(sorted(self.with_.items())), self.expr.source, self.keep, self.initial, self.scalar,
                      self.when, self.otherwise))
 
+    def read_from_outside(self) -> bool:
+        return self.keep  # a kept value that feeds nothing is still state to read (ASGD's averaged iterate)
+
     def scalar_output(self) -> bool:
         return self.scalar
 

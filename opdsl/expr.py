@@ -19,8 +19,9 @@ Grammar, loosest binding first (as in Python; comparisons do not chain)::
                 | FUNCTION "(" or_expr ("," or_expr)* ")" | "(" or_expr ")"
 
 ``VARIABLE`` is one of the names given to :func:`parse_expr` (the ``map`` block's tensor inputs); scalar
-fields have none. Functions: ``sqrt exp log abs sign`` (one argument), ``min max`` (two), ``where(c, a,
-b)`` (``a`` where ``c`` holds, else ``b``).
+fields have none. Functions: ``sqrt exp log abs sign floor`` (one argument), ``min max`` (two),
+``where(c, a, b)`` (``a`` where ``c`` holds, else ``b``), ``clamp(v, lo, hi)``, and in a map the
+per-tensor ``tensor_sum tensor_mean tensor_norm``.
 """
 from __future__ import annotations
 
@@ -152,6 +153,8 @@ _FUNCTIONS: dict[str, tuple[int, Callable[..., Any]]] = {
     "abs": (1, _numeric(_math(abs, torch.abs))),
     "sign": (1, _numeric(_math(_sign, torch.sign))),
     "where": (3, _where),
+    "floor": (1, _numeric(_math(math.floor, torch.floor))),  # `step - k * floor(step / k) == 0`: every k steps
+    "clamp": (3, _numeric(lambda v, lo, hi: _extremum(min, torch.minimum, "max")(_extremum(max, torch.maximum, "min")(v, lo), hi))),
     "min": (2, _numeric(_extremum(min, torch.minimum, "max"))),
     "max": (2, _numeric(_extremum(max, torch.maximum, "min"))),
 }

@@ -121,7 +121,9 @@ def check_graph(graph: GraphSpec) -> list[tuple[str, tuple]]:
         path = " -> ".join([edge[0] for edge in cycle] + [cycle[0][0]])
         problems.append((f"the graph has a cycle: {path} (use `name@prev` to read last step's state)", ("nodes", cycle[0][0])))
     elif graph.output in graph.nodes:
-        live = nx.ancestors(dag, graph.output) | {graph.output}
+        # the output and the nodes kept to be read from outside (a map with keep: true: ASGD's average)
+        roots = {graph.output} | {n for n, block in graph.nodes.items() if block.read_from_outside()}
+        live = set().union(*(nx.ancestors(dag, root) | {root} for root in roots))
         live |= {parse_ref(ref).node for n in list(live) if n in graph.nodes for ref in graph.nodes[n].inputs().values()}
         for name in names:
             if name not in live:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import opdsl.expr
-from opdsl.expr import MAX_DEPTH, Expr, ExprEvalError, ExprSyntaxError, MissingHyperError, is_expr, parse_expr
+from opdsl.expr import MAX_DEPTH, Expr, ExprEvalError, ExprSyntaxError, MissingHyperError, is_expr, parse_expr, variables
 
 
 def value(text: str, **env):
@@ -236,7 +236,10 @@ def test_syntax_errors(text, fragment, col):
 def test_unknown_names_list_what_is_allowed():
     with pytest.raises(ExprSyntaxError) as err:
         parse_expr("gamma(2)")
-    assert "abs, exp, log, max, min, sign, sqrt, tensor_mean, tensor_norm, tensor_sum, where" in err.value.message and "$hyperparameters" in err.value.message
+    from opdsl.expr import EXPRESSION_WORDS
+
+    functions = sorted(EXPRESSION_WORDS - {"step", "true", "false", "and", "or", "not"})
+    assert ", ".join(functions) in err.value.message and "$hyperparameters" in err.value.message
 
 
 def test_long_flat_expressions_are_fine():
@@ -299,3 +302,11 @@ def test_parts_that_read_no_variable_go_through_the_hoist_once():
     assert seen == [0.75, 1.5]  # the compound parts; plain `$a` is read as it is
     seen.clear()
     assert float(parse_expr("1 - $b ** step").evaluate(env)) == 0.75 and seen == []  # no variable: whole
+
+
+def test_floor_and_clamp():
+    env = {"step": 7.0, "k": 3.0}
+    assert parse_expr("step - $k * floor(step / $k)").evaluate(env) == 1.0  # every k steps: == 0
+    assert parse_expr("clamp(step, 2, 5)").evaluate(env) == 5
+    t = parse_expr("clamp(x, -1, 1)", {"x"}).evaluate(variables({"x": torch.tensor([-3.0, 0.5, 2.0])}))
+    assert torch.equal(t, torch.tensor([-1.0, 0.5, 1.0]))

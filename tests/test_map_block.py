@@ -369,3 +369,24 @@ def test_map_field_combinations_that_cannot_work_are_refused(fields, fragment):
 def test_a_guarded_division_by_the_step_is_accepted():
     spec = opdsl.load_spec("g.yaml", text=_node('expr: "x * where(step == 1, 0, 1 / (step - 1))"'))
     assert spec.graphs["main"].nodes["u"].block == "map"
+
+
+def test_a_kept_map_may_feed_nothing_and_is_read_from_the_state():
+    """ASGD's averaged iterate: kept for the user to read, not part of the update."""
+    spec = opdsl.load_spec("a.yaml", text="""\
+opdsl: 1
+name: a
+hyper: {lr: 0.5}
+nodes:
+  avg: {block: map, input: param, with: {a: avg@prev}, expr: "a + (x - a) / step", keep: true}
+  u:   {block: map, input: grad, expr: "x"}
+output: u
+""")
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = opdsl.Optimizer([p], spec, compile=False)
+    seen = []
+    for _ in range(3):
+        seen.append(p.detach().clone())
+        p.grad = torch.ones(2, dtype=torch.float64)
+        opt.step()
+    assert torch.equal(opt.state[p]["avg.value"], torch.stack(seen).mean(0))  # the mean of the iterates it saw
