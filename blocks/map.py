@@ -5,7 +5,7 @@
                                    default, before step 1)
 
 ``expr`` is written in the expression language of the scalar fields (numbers, ``$hyper``, ``step``,
-``+ - * / **``, comparisons, ``and or not``, ``sqrt exp log abs sign min max where``) plus the names
+``+ - * / **``, comparisons, ``and or not``, ``sqrt exp log abs sign floor min max clamp where``) plus the names
 ``x`` and those of ``with``, each an elementwise tensor; a comparison gives 1 where it holds and 0
 elsewhere. Adamax's infinity norm is ``{block: map, input: grad, with: {u: u@prev},
 expr: "max($betas[1] * u, abs(x) + $eps)", keep: true}``; a mask of agreeing signs (Cautious
@@ -27,14 +27,14 @@ import re
 from typing import Annotated, Any, Callable, ClassVar, Literal
 
 import torch
-from pydantic import Field, FiniteFloat, PlainSerializer, StrictBool, WithJsonSchema, field_validator, model_validator
+from pydantic import Field, FiniteFloat, PlainSerializer, StrictBool, WithJsonSchema, field_validator
 
 from opdsl.blocks.base import Block, Ref, Scope, StateKind, StateSpec
 from opdsl.expr import DTYPE, EXPRESSION_WORDS, HOIST, PER_TENSOR, PER_TENSOR_FUNCTIONS, Expr, parse_expr, variables
 
 _INPUT = "x"
 # the fields' own names too: `opdsl show` prints `with` entries beside the fields
-_RESERVED = {_INPUT, "input", "with", "expr", "keep", "initial", "scalar", "block", "if", "else", *EXPRESSION_WORDS}
+_RESERVED = {_INPUT, "input", "with", "expr", "keep", "initial", "scalar", "export", "block", "if", "else", *EXPRESSION_WORDS}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # what the expression's tokenizer reads as a name
 
 
@@ -42,7 +42,7 @@ class Map(Block):
     """out = expr(x = input, with-inputs...), elementwise; keep: true stores out for node@prev."""
 
     block: Literal["map"]
-    input: Ref | None = Field(None, description="the value the expression reads as `x` (none: it reads no x)")
+    input: Ref | None = Field(None, validate_default=True, description="the value the expression reads as `x` (none: it reads no x)")
     with_: dict[str, Ref] = Field(default_factory=dict, alias="with", description="more inputs, by the name expr reads")
     expr: Annotated[Expr, PlainSerializer(str), WithJsonSchema({"type": ["string", "number"]})] = Field(
         description="an expression over x, the `with` names, $hyperparameters and step (or a number)"
@@ -50,11 +50,19 @@ class Map(Block):
     keep: StrictBool = Field(False, description="store the output as state `value`, which node@prev reads")
     initial: FiniteFloat = Field(0.0, description="the kept state's value before the first step")
     scalar: StrictBool = Field(False, description="one value per step, not one per element")
+    export: StrictBool = Field(False, description="kept for the user to read from optimizer.state: may feed nothing")
 
     PORTS: ClassVar[tuple[str, ...]] = ("input", "with_")
     PRIMARY_STATE: ClassVar[str] = "value"
     PREV_NEEDS: ClassVar[str] = "set `keep: true` on it"
     TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ("expr",)
+
+    @field_validator("input")
+    @classmethod
+    def _passes_something(cls, value: Ref | None, info: Any) -> Ref | None:
+        if value is None and info.data.get("when") is not None and info.data.get("otherwise") is None:
+            raise ValueError("a map switched by `if:` needs `else:` or `input:`: it passes one of them through when off")
+        return value
 
     @field_validator("with_")
     @classmethod
@@ -81,7 +89,7 @@ class Map(Block):
         else:  # `with` failed and is reported: read any name as an input rather than report it again
             names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", value)) - EXPRESSION_WORDS
         read = _read_names(value)
-        if "with_" in info.data and (_INPUT in read) != (info.data.get("input") is not None):
+        if "with_" in info.data and "input" in info.data and (_INPUT in read) != (info.data["input"] is not None):
             raise ValueError("the expression reads x, the node's `input:`, which is not set" if _INPUT in read else
                              "`input:` is read as x, which the expression does not read; remove it")
         expr = parse_expr(value, names)  # a syntax error names its column
@@ -103,13 +111,21 @@ class Map(Block):
 
     def problems_at(self, evaluate: Callable[[Any], Any]) -> list[tuple[str | None, str]]:
         """The fields', and the expression's at these values with every input 1: an index out of range,
-        a list not indexed, a division by a zero constant are found where the spec is read, not mid-step."""
+        a list not indexed, a list as the result, a part that reads no input and is not finite at step 1
+        (``log(step - 1)``, unless a ``where`` guards it) are found where the spec is read, not mid-step."""
         problems = super().problems_at(evaluate)
         ones = {name: torch.ones((), dtype=torch.float64) for name in self.expr.variables}
+        probe: dict[str, Any] = {PER_TENSOR: lambda name, v, of: v}
         try:
-            # `step` as the step sees it (a tensor): a guarded 1 / (step - 1) is inf at step 1, not an error
-            probe = {PER_TENSOR: lambda name, v, of: v, "step": torch.ones((), dtype=torch.float64)}
-            value = evaluate(self.expr.bound(ones, probe))
+            try:
+                value = evaluate(self.expr.bound(ones, probe))
+            except (ArithmeticError, ValueError):
+                # 1 / (step - 1) fails at step 1 in Python numbers; with `step` a tensor, as in the step, it is
+                # inf: accepted where a `where` guards it (the result is finite), refused where it does not
+                guarded = evaluate(self.expr.bound(ones, {**probe, "step": torch.ones((), dtype=torch.float64)}))
+                if not (isinstance(guarded, torch.Tensor) and bool(torch.isfinite(guarded).all())):
+                    raise
+                value = guarded
             if isinstance(value, (tuple, list)):
                 raise TypeError(f"it gives the list {list(value)}; a map gives one number per element (index it)")
         except (ValueError, TypeError, ArithmeticError, RuntimeError, IndexError) as err:
@@ -118,20 +134,20 @@ class Map(Block):
             problems.append(("expr", text))
         return problems
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "Map":
-        if self.initial != 0.0 and not self.keep:
-            raise ValueError("`initial:` is the kept state's first value: it needs `keep: true`")
-        if self.when is not None and self.otherwise is None and self.input is None:
-            raise ValueError("a map switched by `if:` needs `else:`: it has no `input:` to pass through when off")
-        return self
+    @field_validator("initial", "export")
+    @classmethod
+    def _needs_keep(cls, value: Any, info: Any) -> Any:
+        if value and not info.data.get("keep", True):
+            what = "`initial:` is the kept state's first value" if info.field_name == "initial" else "`export:` reads the kept state"
+            raise ValueError(f"{what}: it needs `keep: true`")
+        return value
 
     def __hash__(self) -> int:  # compiled steps are cached by plan, blocks included; `with` is a dict
-        return hash((self.input, tuple(sorted(self.with_.items())), self.expr.source, self.keep, self.initial, self.scalar,
+        return hash((self.input, tuple(sorted(self.with_.items())), self.expr.source, self.keep, self.initial, self.scalar, self.export,
                      self.when, self.otherwise))
 
     def read_from_outside(self) -> bool:
-        return self.keep  # a kept value that feeds nothing is still state to read (ASGD's averaged iterate)
+        return self.export  # said so, a kept value that feeds nothing is state to read (ASGD's averaged iterate)
 
     def scalar_output(self) -> bool:
         return self.scalar

@@ -73,6 +73,14 @@ def _pow(base: Any, exponent: Any) -> Any:
     return math.pow(base, exponent)
 
 
+def _divide(a: Any, b: Any) -> Any:
+    """a / b, where a divisor that is the number 0 is an error even for a tensor dividend (it would be inf
+    or nan everywhere): ``x / ($beta - 0.9)`` at beta 0.9 is found where the spec is read."""
+    if not isinstance(b, Tensor) and b == 0:
+        raise ZeroDivisionError("division by zero")
+    return a / b
+
+
 def _math(python: Callable[[Any], Any], tensor: Callable[[Tensor], Tensor]) -> Callable[[Any], Any]:
     return lambda value: tensor(value) if isinstance(value, Tensor) else python(value)
 
@@ -153,7 +161,7 @@ _FUNCTIONS: dict[str, tuple[int, Callable[..., Any]]] = {
     "abs": (1, _numeric(_math(abs, torch.abs))),
     "sign": (1, _numeric(_math(_sign, torch.sign))),
     "where": (3, _where),
-    "floor": (1, _numeric(_math(math.floor, torch.floor))),  # `step - k * floor(step / k) == 0`: every k steps
+    "floor": (1, _numeric(_math(lambda v: float(math.floor(v)) if math.isfinite(v) else v, torch.floor))),  # `step - k * floor(step / k) == 0`: every k steps
     "clamp": (3, _numeric(lambda v, lo, hi: _extremum(min, torch.minimum, "max")(_extremum(max, torch.maximum, "min")(v, lo), hi))),
     "min": (2, _numeric(_extremum(min, torch.minimum, "max"))),
     "max": (2, _numeric(_extremum(max, torch.maximum, "min"))),
@@ -183,7 +191,7 @@ _BINARY: dict[str, Callable[[Any, Any], Any]] = {
     "+": _numeric(operator.add),
     "-": _numeric(operator.sub),
     "*": _numeric(operator.mul),
-    "/": _numeric(operator.truediv),
+    "/": _numeric(_divide),
     "**": _numeric(_pow),
     "==": operator.eq,
     "!=": operator.ne,

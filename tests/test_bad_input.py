@@ -212,7 +212,7 @@ SILENTLY_WRONG = [
     ("optional field out of range through an expression", ("beta: $beta}", "beta: $beta, weight: '1 - $beta * 10'}"),
      "7:", "field 'weight' (= 1 - $beta * 10) is -8; must be 0 <= value"),
     ("a field that evaluates to inf", ("beta: $beta}", "beta: $beta, weight: '1 / (1 - $beta * 10 / 9)'}"),
-     "7:", "cannot evaluate '1 / (1 - $beta * 10 / 9)': float division by zero"),
+     "7:", "cannot evaluate '1 / (1 - $beta * 10 / 9)': division by zero"),
     ("a comparison where a number goes", ("beta: $beta}", "beta: $beta, weight: '$beta > 0.5'}"),
      "7:", "field 'weight' (= $beta > 0.5) is a condition (true); expected a number"),
     ("a 400-digit number", ("beta: $beta}", "beta: " + "9" * 400 + "}"), "7:", "(400 digits) is too large"),

@@ -343,7 +343,8 @@ def test_a_per_tensor_mean_of_a_comparison_is_exact_in_float64():
         ('expr: "2 * x"', "the expression reads x, the node's `input:`, which is not set"),
         ('input: grad, expr: "2"', "`input:` is read as x, which the expression does not read; remove it"),
         ('expr: "$beta", initial: 1', "`initial:` is the kept state's first value: it needs `keep: true`"),
-        ('expr: "$beta", if: "$beta > 0.5"', "a map switched by `if:` needs `else:`"),
+        ('expr: "$beta", if: "$beta > 0.5"', "a map switched by `if:` needs `else:` or `input:`"),
+        ('expr: "$beta", export: true', "`export:` reads the kept state: it needs `keep: true`"),
     ],
 )
 def test_map_field_combinations_that_cannot_work_are_refused(fields, fragment):
@@ -357,14 +358,18 @@ def test_a_guarded_division_by_the_step_is_accepted():
     assert spec.graphs["main"].nodes["u"].block == "map"
 
 
-def test_a_kept_map_may_feed_nothing_and_is_read_from_the_state():
-    """ASGD's averaged iterate: kept for the user to read, not part of the update."""
+def test_an_exported_map_may_feed_nothing_and_is_read_from_the_state():
+    """ASGD's averaged iterate: kept for the user to read, not part of the update. Without `export:` a
+    kept map that feeds nothing is a node someone forgot to wire in."""
+    with pytest.raises(SpecError, match="never reaches the output"):
+        opdsl.load_spec("f.yaml", text=_node('with: {u: u@prev}, expr: "max(u, abs(x))", keep: true').replace(
+            "output: u", "  v: {block: sign, input: grad}\noutput: v"))
     spec = opdsl.load_spec("a.yaml", text="""\
 opdsl: 1
 name: a
 hyper: {lr: 0.5}
 nodes:
-  avg: {block: map, input: param, with: {a: avg@prev}, expr: "a + (x - a) / step", keep: true}
+  avg: {block: map, input: param, with: {a: avg@prev}, expr: "a + (x - a) / step", keep: true, export: true}
   u:   {block: map, input: grad, expr: "x"}
 output: u
 """)
