@@ -59,7 +59,11 @@ def fuse(step: Callable[..., Any], compile: bool | dict[str, Any]) -> Callable[.
         preset = torch._inductor.list_mode_options(mode) if mode else {}
         # size_asserts off: inductor would re-check every input's sizes and strides on each call, which
         # dynamo's guards have just checked (25 of CoBA's 110 us per call on a small model).
-        ours = {"joint_custom_pre_pass": SharedScalars(), "size_asserts": False}
+        # realize_reads_threshold: a full-size value that a reduction and the update both read (LAMB's
+        # update, before its trust ratio) is recomputed in each loop rather than written to a temporary and
+        # read back; the step is memory-bound, so the recomputation is the cheaper side. LAMB on 100 equal
+        # tensors: 29.5 -> 11.0 ms; adamw, scsadamw, coba, adamw-sn, adagrad-sn, lion, muon within 3%.
+        ours = {"joint_custom_pre_pass": SharedScalars(), "size_asserts": False, "realize_reads_threshold": 100}
         options["options"] = {**preset, **ours, **(options.get("options") or {})}
     if hasattr(torch.compiler, "keep_tensor_guards_unsafe"):  # guard filters: torch >= 2.7
         options.setdefault("options", {}).setdefault("guard_filter_fn", _static_guard_filter(step.__code__.co_freevars))
