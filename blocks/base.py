@@ -213,9 +213,15 @@ class Block(BaseModel):
         """Whether the node's state is worth keeping even if it feeds nothing (read from ``optimizer.state``)."""
         return False
 
+    def prev_kind(self) -> StateKind | None:
+        """The kind of the state ``node@prev`` reads (the primary state), or None if the block keeps none in
+        this configuration."""
+        spec = self.state_specs().get(self.PRIMARY_STATE) if self.PRIMARY_STATE is not None else None
+        return spec.kind if spec is not None else None
+
     def has_prev(self) -> bool:
         """Whether ``node@prev`` can read this node: it keeps its primary state in this configuration."""
-        return self.PRIMARY_STATE is not None and self.PRIMARY_STATE in self.state_specs()
+        return self.prev_kind() is not None
 
     def step_field_hypers(self) -> frozenset[str] | None:
         """The hyperparameters read by the fields that also read ``step``; None if no field reads ``step``."""

@@ -99,8 +99,7 @@ def build_program(graph_name: str, graph: GraphSpec, decide: Callable[[Any], boo
         if ref.node in disabled:
             raise ValueError(f"{reader!r} reads {ref}, but node {ref.node!r} is disabled by its `if:`")
         owner = graph.nodes[ref.node]
-        kind = owner.state_specs()[owner.PRIMARY_STATE].kind
-        return Source(state_key(ref.node, owner.PRIMARY_STATE), from_state=True, scalar=kind is StateKind.SCALAR)
+        return Source(state_key(ref.node, owner.PRIMARY_STATE), from_state=True, scalar=owner.prev_kind() is StateKind.SCALAR)
 
     for name in execution_order(graph):
         block = graph.nodes[name]

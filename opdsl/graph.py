@@ -59,15 +59,7 @@ def _scalar_value(graph: GraphSpec, ref: Reference) -> bool:
     source = graph.nodes.get(ref.node)
     if source is None:
         return True  # an unknown name is reported on its own
-    if not ref.prev:
-        return source.scalar_output()
-    state = source.state_specs().get(source.PRIMARY_STATE)
-    return state is not None and state.kind is StateKind.SCALAR
-
-
-def _per_tensor_state(block) -> bool:
-    state = block.state_specs().get(block.PRIMARY_STATE)
-    return state is not None and state.kind is StateKind.TENSOR
+    return source.prev_kind() is StateKind.SCALAR if ref.prev else source.scalar_output()
 
 
 def check_graph(graph: GraphSpec) -> list[tuple[str, tuple]]:
@@ -94,7 +86,7 @@ def check_graph(graph: GraphSpec) -> list[tuple[str, tuple]]:
                      f"reads{hint}",
                      ("nodes", name, port))
                 )
-            elif parsed.prev and _per_tensor_state(graph.nodes[parsed.node]):
+            elif parsed.prev and graph.nodes[parsed.node].prev_kind() is StateKind.TENSOR:
                 problems.append(
                     (f"node {name!r} reads {ref!r}, a state with one value per parameter tensor, which no block "
                      "takes as an input (`@prev` reads elementwise or scalar states); read the node's output instead",

@@ -18,6 +18,7 @@ from opdsl.blocks import BLOCKS, Block, block_class
 from opdsl.errors import Location, Problem, SpecError
 from opdsl.expr import Expr
 from opdsl.graph import SOURCES, check_graph, parse_ref
+from opdsl.scalars import evaluator_at
 from opdsl.spec import MAIN_GRAPH, RESERVED_NAMES, SPEC_VERSION, GraphSpec, Requirement, Spec, lr_problem, requirement_problems
 from opdsl.yaml_loader import LocatedDocument, load_yaml_file, load_yaml_text
 
@@ -363,11 +364,7 @@ class _SpecBuilder:
 
     def _check_at(self, hyper: dict, context: str, path: tuple, nname: str, block) -> None:
         """Every field and condition of a node evaluated at one set of hyperparameter values."""
-        def evaluate_at(step: float):
-            env = {**hyper, "step": step}
-            return lambda v: v.evaluate(env) if isinstance(v, Expr) else v
-
-        for field, message in block.problems_over_steps(evaluate_at):
+        for field, message in block.problems_over_steps(evaluator_at(hyper)):
             if field is None and "field '" in message:
                 field = message.split("field '")[1].split("'")[0]
             self.problem(path + ((field.split("[")[0],) if field else ()), f"node {nname!r}: {message} (at {context})")

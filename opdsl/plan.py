@@ -17,6 +17,7 @@ from opdsl.compiled.layout import FlatBuffers, group_by_shape, run_of, value_sha
 from opdsl.compiled.lowering import BucketArgs, Program, build_program, state_key
 from opdsl.errors import BindError
 from opdsl.expr import Expr
+from opdsl.scalars import evaluator_at
 from opdsl.spec import Spec, hyper_value, lr_problem, requirement_problems
 
 __all__ = ["Bucket", "build_buckets", "scalar_dtype", "scalar_slot", "conditions_of", "GroupValueCheck", "float_env"]
@@ -160,11 +161,7 @@ class GroupValueCheck:
         problems = []
         if "lr" in env and (changed is None or "lr" in changed) and (problem := lr_problem(env["lr"])):
             problems.append(problem)
-
-        def evaluate_at(step: float):
-            at = {**env, "step": step}
-            return lambda v: v.evaluate(at) if isinstance(v, Expr) else v
-
+        evaluate_at = evaluator_at(env)
         problems += requirement_problems(self.requirements, env, changed)
         for name, block, reads, step_reads in self.nodes:
             if changed is not None and not reads & changed:

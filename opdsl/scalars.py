@@ -10,13 +10,13 @@ import functools
 import math
 from types import MappingProxyType
 from dataclasses import dataclass
-from typing import Annotated, Any, Mapping, Union, get_args, get_origin
+from typing import Annotated, Any, Callable, Mapping, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BeforeValidator, PlainSerializer, WithJsonSchema
 
 from opdsl.expr import Expr, ExprSyntaxError, parse_expr
 
-__all__ = ["Scalar", "ScalarRange", "scalar", "scalar_ranges", "parse_scalar", "to_float", "Condition", "condition_fields"]
+__all__ = ["Scalar", "ScalarRange", "scalar", "scalar_ranges", "parse_scalar", "evaluator_at", "to_float", "Condition", "condition_fields"]
 
 _EXPRESSION_JSON = {"type": "string", "description": "expression over hyperparameters, e.g. '$betas[0]' or '1 - $momentum'"}
 
@@ -27,6 +27,17 @@ def to_float(value: int | float) -> float:
         return float(value)
     except OverflowError:
         raise ValueError(f"the number {str(value)[:12]}... ({len(str(value))} digits) is too large") from None
+
+
+def evaluator_at(env: Mapping[str, Any]) -> Callable[[Any], Callable[[Any], Any]]:
+    """``evaluate_at(step)``: a field's value at these hyperparameter values and that step (a literal as it
+    is, an expression evaluated); ``step`` may be a float or a tensor of steps."""
+
+    def evaluate_at(step: Any) -> Callable[[Any], Any]:
+        at = {**env, "step": step}
+        return lambda value: value.evaluate(at) if isinstance(value, Expr) else value
+
+    return evaluate_at
 
 
 def parse_scalar(value: Any) -> float | Expr:
