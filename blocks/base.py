@@ -250,14 +250,7 @@ class Block(BaseModel):
         fields = [(name, v) for name, v in self.scalar_fields() if isinstance(v, Expr) and v.uses_step]
 
         def bad(name: str, expr: Expr, at: Any) -> Any:
-            value = torch.as_tensor(evaluate_at(at)(expr), dtype=torch.float64)
-            rng = ranges.get(name.split("[")[0], ScalarRange())
-            out = ~torch.isfinite(value)
-            for bound, fails in ((rng.ge, value < (rng.ge or 0)), (rng.gt, value <= (rng.gt or 0)),
-                                 (rng.le, value > (rng.le or 0)), (rng.lt, value >= (rng.lt or 0))):
-                if bound is not None:
-                    out = out | fails
-            return out
+            return ranges.get(name.split("[")[0], ScalarRange()).outside(evaluate_at(at)(expr))
 
         samples = torch.tensor(steps, dtype=torch.float64)
         first = None

@@ -12,6 +12,7 @@ from types import MappingProxyType
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Mapping, Union, get_args, get_origin
 
+import torch
 from pydantic import AfterValidator, BeforeValidator, PlainSerializer, WithJsonSchema
 
 from opdsl.expr import Expr, ExprSyntaxError, parse_expr
@@ -94,6 +95,20 @@ class ScalarRange:
         if (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt):
             return f"must be {self.describe()}"
         return ""
+
+    def outside(self, values: Any) -> Any:
+        """:meth:`violation` for a tensor of values at once: True where a value is not finite or out of range."""
+        values = torch.as_tensor(values, dtype=torch.float64)
+        out = ~torch.isfinite(values)
+        if self.ge is not None:
+            out |= values < self.ge
+        if self.gt is not None:
+            out |= values <= self.gt
+        if self.le is not None:
+            out |= values > self.le
+        if self.lt is not None:
+            out |= values >= self.lt
+        return out
 
     def describe(self) -> str:
         lower = f"{self.ge:g} <= " if self.ge is not None else f"{self.gt:g} < " if self.gt is not None else ""
