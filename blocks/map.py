@@ -23,19 +23,17 @@ scalar map reads only scalar maps, scalar states (``@prev``), hyperparameters an
 """
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Callable, ClassVar, Literal
 
 import torch
 from pydantic import Field, FiniteFloat, PlainSerializer, StrictBool, WithJsonSchema, field_validator
 
 from opdsl.blocks.base import Block, Ref, Scope, StateKind, StateSpec
-from opdsl.expr import DTYPE, EXPRESSION_WORDS, HOIST, PER_TENSOR, PER_TENSOR_FUNCTIONS, Expr, parse_expr, variables
+from opdsl.expr import DTYPE, EXPRESSION_WORDS, HOIST, NAME, PER_TENSOR, PER_TENSOR_FUNCTIONS, Expr, parse_expr, variables
 
 _INPUT = "x"
 # the fields' own names too: `opdsl show` prints `with` entries beside the fields
 _RESERVED = {_INPUT, "input", "with", "expr", "keep", "initial", "scalar", "export", "block", "if", "else", *EXPRESSION_WORDS}
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # what the expression's tokenizer reads as a name
 
 
 class Map(Block):
@@ -68,7 +66,7 @@ class Map(Block):
     @classmethod
     def _names(cls, value: dict[str, Ref]) -> dict[str, Ref]:
         for name in value:
-            if not _NAME.match(name) or name in _RESERVED:
+            if not NAME.fullmatch(name) or name in _RESERVED:
                 raise ValueError(
                     f"input name {name!r} cannot be used: a name is letters, digits and '_' (ASCII, not starting "
                     f"with a digit), other than {', '.join(sorted(_RESERVED))}"
@@ -85,14 +83,14 @@ class Map(Block):
         if not isinstance(value, str):
             raise ValueError(f"expected an expression (a string), got {type(value).__name__}")
         if "with_" in info.data:
-            names = {*([_INPUT] if info.data.get("input") is not None else []), *info.data["with_"]}
+            names = {_INPUT, *info.data["with_"]}
         else:  # `with` failed and is reported: read any name as an input rather than report it again
-            names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", value)) - EXPRESSION_WORDS
-        read = _read_names(value)
+            names = set(NAME.findall(value)) - EXPRESSION_WORDS
+        expr = parse_expr(value, names)  # a syntax error names its column
+        read = expr.read_variables
         if "with_" in info.data and "input" in info.data and (_INPUT in read) != (info.data["input"] is not None):
             raise ValueError("the expression reads x, the node's `input:`, which is not set" if _INPUT in read else
                              "`input:` is read as x, which the expression does not read; remove it")
-        expr = parse_expr(value, names)  # a syntax error names its column
         unused = sorted(set(info.data.get("with_", {})) - read)
         if unused:
             raise ValueError(f"`with` input(s) {', '.join(unused)} are not read by the expression; remove them")
@@ -211,6 +209,3 @@ def _per_tensor(ctx, name: str, value: Any) -> torch.Tensor:
         total = total / torch.tensor([s.numel for s in ctx.segments], dtype=total.dtype, device=total.device)
     return ctx.expand(total)
 
-
-def _read_names(text: str) -> set[str]:
-    return set(re.findall(r"(?<![$A-Za-z0-9_])[A-Za-z_][A-Za-z0-9_]*", text))

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Seque
 import torch
 from torch import Tensor
 
-__all__ = ["Expr", "ExprSyntaxError", "ExprEvalError", "MissingHyperError", "parse_expr", "is_expr", "MAX_DEPTH", "EXPRESSION_WORDS", "HOIST", "DTYPE", "PER_TENSOR", "PER_TENSOR_FUNCTIONS", "variables"]
+__all__ = ["Expr", "ExprSyntaxError", "ExprEvalError", "MissingHyperError", "parse_expr", "is_expr", "MAX_DEPTH", "EXPRESSION_WORDS", "HOIST", "DTYPE", "PER_TENSOR", "PER_TENSOR_FUNCTIONS", "variables", "NAME"]
 
 #: Deeper nesting (parentheses, calls, prefix operators) is refused; it bounds parser and evaluator recursion.
 MAX_DEPTH = 32
@@ -358,11 +358,14 @@ class _Token(NamedTuple):
     col: int
 
 
+#: A name as the tokenizer reads it (``$`` + a name is a hyperparameter).
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
 _TOKEN = re.compile(
     r"\s*(?:"
     r"(?P<number>(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)(?P<junk>[A-Za-z0-9_.]*)"
-    r"|(?P<hyper>\$(?P<hyper_name>[A-Za-z_][A-Za-z0-9_]*)?)"
-    r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
+    rf"|(?P<hyper>\$(?P<hyper_name>{NAME.pattern})?)"
+    rf"|(?P<name>{NAME.pattern})"
     r"|(?P<op>\*\*|[=!<>]=|[-+*/<>()\[\],])"
     r"|(?P<end>\Z))"
 )
@@ -403,6 +406,7 @@ class _Parser:
         self.hypers: set[str] = set()
         self.reads: set[tuple[str, int | None]] = set()  # (hyper, index read, or None for the whole value)
         self.functions: set[str] = set()
+        self.read_variables: set[str] = set()
         self.uses_step = False
         self.depth = 0
 
@@ -530,6 +534,7 @@ class _Parser:
         if token.text in ("true", "false"):
             return _constant(token.text == "true")
         if token.text in self.variables:
+            self.read_variables.add(token.text)
             return _lookup(_VARIABLE + token.text, token.text, self.text, variable=True)
         if token.text not in _FUNCTIONS:
             what = "function" if self.tok.text == "(" else "name"
@@ -566,6 +571,7 @@ class Expr:
     reads: frozenset[tuple[str, int | None]] = frozenset()
     variables: frozenset[str] = frozenset()
     functions: frozenset[str] = frozenset()
+    read_variables: frozenset[str] = frozenset()  # the ``variables`` the expression reads
 
     def evaluate(self, env: Env) -> Any:
         """Value at ``env`` (hyper name -> number, bool, tuple/list, or 0-d tensor; ``"step"`` -> 1-based step).
@@ -587,7 +593,7 @@ class Expr:
         run, fixed = self._run, {**variables(values), **(extra or {})}
         return Expr(
             self.source, self.hypers, self.uses_step, lambda env: run({**env, **fixed}), self.reads, self.variables,
-            self.functions,
+            self.functions, self.read_variables,
         )
 
     def __str__(self) -> str:
@@ -607,7 +613,8 @@ def parse_expr(text: str, variables: Iterable[str] = ()) -> Expr:
     parser = _Parser(text, names)
     run = parser.parse()
     return Expr(
-        text, frozenset(parser.hypers), parser.uses_step, run, frozenset(parser.reads), names, frozenset(parser.functions)
+        text, frozenset(parser.hypers), parser.uses_step, run, frozenset(parser.reads), names,
+        frozenset(parser.functions), frozenset(parser.read_variables),
     )
 
 
