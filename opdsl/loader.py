@@ -287,11 +287,6 @@ class _SpecBuilder:
                 self.problem(("groups", index, "hyper", "lr"), problem)
         for index, requirement in enumerate(spec.require):
             self._check_requirement(spec, index, requirement)
-        for index, route in enumerate(spec.groups):  # a used spec's own requirements, at this route's values
-            for requirement in spec.used_require.get(route.use, ()) if route.use else ():
-                env = {**spec.hyper, **route.hyper}
-                for message in requirement_problems([requirement], env):
-                    self.problem(("groups", index, "use"), f"in `use: {route.use}`: {message}")
         for gname, graph in spec.graphs.items():
             path = () if gname == MAIN_GRAPH else ("graphs", gname)
             used = gname not in (MAIN_GRAPH,) and any(r.use == gname for r in spec.groups)
@@ -305,18 +300,16 @@ class _SpecBuilder:
             if used:  # checked in its own file at its own defaults; here at this spec's values
                 for index, route in enumerate(spec.groups):
                     if route.use == gname:
-                        env = {**spec.hyper, **route.hyper}
+                        env, where = _route_env(spec, route), ("groups", index, "use")
+                        for message in requirement_problems(spec.used_require.get(gname, ()), env):
+                            self.problem(where, f"in `use: {gname}`: {message}")
                         for nname, block in graph.nodes.items():
-                            self._check_at(env, f"`use: {gname}` with this spec's hyperparameters", ("groups", index, "use"), nname, block)
+                            self._check_at(env, f"`use: {gname}` with this spec's hyperparameters", where, nname, block)
                 continue
-            overrides = [
-                (f"the hyper of groups[{i}]", {**spec.hyper, **route.hyper})
-                for i, route in enumerate(spec.groups)
-                if route.hyper and route.target == gname and all(k in spec.hyper for k in route.hyper)
-            ]
+            envs = [("the spec's default hyperparameters", spec.hyper), *_override_envs(spec, gname)]
             for nname, block in graph.nodes.items():
                 if self._check_hyper_refs(spec, path + ("nodes", nname), nname, block):
-                    for context, env in [("the spec's default hyperparameters", spec.hyper), *overrides]:
+                    for context, env in envs:
                         self._check_at(env, context, path + ("nodes", nname), nname, block)
 
     def _check_requirement(self, spec: Spec, index: int, requirement: Requirement) -> None:
@@ -334,12 +327,7 @@ class _SpecBuilder:
                     self._unknown_ref(where, f"${ref}", [f"${h}" for h in spec.hyper], "hyperparameter")
             if unknown:
                 return
-        envs = [("the spec's default hyperparameters", spec.hyper)] + [
-            (f"the hyper of groups[{i}]", {**spec.hyper, **route.hyper})
-            for i, route in enumerate(spec.groups)
-            if route.hyper and all(k in spec.hyper for k in route.hyper)
-        ]
-        for context, env in envs:
+        for context, env in [("the spec's default hyperparameters", spec.hyper), *_override_envs(spec)]:
             for message in requirement_problems([requirement], env):
                 self.problem(where, f"{message} (at {context})")
 
@@ -447,6 +435,21 @@ class _Failed(Block):
 
 def _is_union_label(part: str) -> bool:
     return any(ch in part for ch in "[]()") or part in {"int", "float", "str", "bool", "tuple", "list", "none"} or part.startswith("function-")
+
+
+def _route_env(spec: Spec, route: Any) -> dict[str, Any]:
+    """The values a route's groups run at (before a user's keyword arguments): the spec's, its overrides."""
+    return {**spec.hyper, **route.hyper}
+
+
+def _override_envs(spec: Spec, graph: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(context, values) of each route that overrides hyperparameters (of ``graph``'s routes, if given);
+    a route naming an unknown hyperparameter is reported on its own and skipped here."""
+    return [
+        (f"the hyper of groups[{i}]", _route_env(spec, route))
+        for i, route in enumerate(spec.groups)
+        if route.hyper and (graph is None or route.target == graph) and all(k in spec.hyper for k in route.hyper)
+    ]
 
 
 def _dotted(path: tuple) -> str:
