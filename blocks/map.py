@@ -5,7 +5,7 @@
                                    default, before step 1)
 
 ``expr`` is written in the expression language of the scalar fields (numbers, ``$hyper``, ``step``,
-``+ - * / **``, comparisons, ``and or not``, ``sqrt exp log abs sign floor min max clamp where``) plus the names
+``+ - * / % **``, comparisons, ``and or not``, ``sqrt exp log abs sign floor min max clamp where``) plus the names
 ``x`` and those of ``with``, each an elementwise tensor; a comparison gives 1 where it holds and 0
 elsewhere. Adamax's infinity norm is ``{block: map, input: grad, with: {u: u@prev},
 expr: "max($betas[1] * u, abs(x) + $eps)", keep: true}``; a mask of agreeing signs (Cautious

@@ -12,15 +12,16 @@ Grammar, loosest binding first (as in Python; comparisons do not chain)::
     not_expr   := "not" not_expr | comparison
     comparison := sum (("==" | "!=" | "<" | "<=" | ">" | ">=") sum)?
     sum        := product (("+" | "-") product)*
-    product    := unary (("*" | "/") unary)*
+    product    := unary (("*" | "/" | "%") unary)*
     unary      := ("-" | "+") unary | power
     power      := atom ("**" unary)?
     atom       := NUMBER | "$" NAME ("[" INT "]")? | "step" | "true" | "false" | VARIABLE
                 | FUNCTION "(" or_expr ("," or_expr)* ")" | "(" or_expr ")"
 
 ``VARIABLE`` is one of the names given to :func:`parse_expr` (the ``map`` block's tensor inputs); scalar
-fields have none. Functions: ``sqrt exp log abs sign floor`` (one argument), ``min max`` (two),
-``where(c, a, b)`` (``a`` where ``c`` holds, else ``b``), ``clamp(v, lo, hi)``, and in a map the
+fields have none. ``a % b`` is the remainder with the sign of ``b``, as Python's and torch.remainder's
+(``step % 10 == 0``: every tenth step). Functions: ``sqrt exp log abs sign floor`` (one argument),
+``min max`` (two), ``where(c, a, b)`` (``a`` where ``c`` holds, else ``b``), ``clamp(v, lo, hi)``, and in a map the
 per-tensor ``tensor_sum tensor_mean tensor_norm``.
 """
 from __future__ import annotations
@@ -79,6 +80,14 @@ def _divide(a: Any, b: Any) -> Any:
     if not isinstance(b, Tensor) and b == 0:
         raise ZeroDivisionError("division by zero")
     return a / b
+
+
+def _remainder(a: Any, b: Any) -> Any:
+    """a % b (Python's and torch.remainder's: the sign of b); the number 0 as divisor is refused, as in
+    :func:`_divide`."""
+    if not isinstance(b, Tensor) and b == 0:
+        raise ZeroDivisionError("remainder of division by zero")
+    return a % b
 
 
 def _math(python: Callable[[Any], Any], tensor: Callable[[Tensor], Tensor]) -> Callable[[Any], Any]:
@@ -161,7 +170,7 @@ _FUNCTIONS: dict[str, tuple[int, Callable[..., Any]]] = {
     "abs": (1, _numeric(_math(abs, torch.abs))),
     "sign": (1, _numeric(_math(_sign, torch.sign))),
     "where": (3, _where),
-    "floor": (1, _numeric(_math(lambda v: float(math.floor(v)) if math.isfinite(v) else v, torch.floor))),  # `step - k * floor(step / k) == 0`: every k steps
+    "floor": (1, _numeric(_math(lambda v: float(math.floor(v)) if math.isfinite(v) else v, torch.floor))),
     "clamp": (3, _numeric(lambda v, lo, hi: _extremum(min, torch.minimum, "max")(_extremum(max, torch.maximum, "min")(v, lo), hi))),
     "min": (2, _numeric(_extremum(min, torch.minimum, "max"))),
     "max": (2, _numeric(_extremum(max, torch.maximum, "min"))),
@@ -192,6 +201,7 @@ _BINARY: dict[str, Callable[[Any, Any], Any]] = {
     "-": _numeric(operator.sub),
     "*": _numeric(operator.mul),
     "/": _numeric(_divide),
+    "%": _numeric(_remainder),
     "**": _numeric(_pow),
     "==": operator.eq,
     "!=": operator.ne,
@@ -201,10 +211,15 @@ _BINARY: dict[str, Callable[[Any, Any], Any]] = {
     ">=": operator.ge,
 }
 _COMPARISONS = ("==", "!=", "<", "<=", ">", ">=")
-_ALLOWED = (
-    "allowed are numbers, $hyperparameters, step, true, false and the functions "
-    + ", ".join(sorted(_FUNCTIONS))
-)
+
+
+def _allowed(variables: frozenset[str]) -> str:
+    """What an expression may name: the per-tensor functions and the inputs only where there are inputs
+    (a map node's expression)."""
+    functions = sorted(f for f in _FUNCTIONS if variables or f not in PER_TENSOR_FUNCTIONS)
+    inputs = f"; inputs: {', '.join(sorted(variables))}" if variables else ""
+    return f"allowed are numbers, $hyperparameters, step, true, false and the functions {', '.join(functions)}{inputs}"
+
 
 # ---- closures the parser composes ------------------------------------------------------------------------
 #
@@ -366,7 +381,7 @@ _TOKEN = re.compile(
     r"(?P<number>(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)(?P<junk>[A-Za-z0-9_.]*)"
     rf"|(?P<hyper>\$(?P<hyper_name>{NAME.pattern})?)"
     rf"|(?P<name>{NAME.pattern})"
-    r"|(?P<op>\*\*|[=!<>]=|[-+*/<>()\[\],])"
+    r"|(?P<op>\*\*|[=!<>]=|[-+*/%<>()\[\],])"
     r"|(?P<end>\Z))"
 )
 
@@ -482,7 +497,7 @@ class _Parser:
 
     def product(self) -> _Fn:
         first, rest = self.unary(), []
-        while token := self.accept("*", "/"):
+        while token := self.accept("*", "/", "%"):
             rest.append((_BINARY[token.text], self.unary()))
         return _chain(first, rest)
 
@@ -539,8 +554,7 @@ class _Parser:
         if token.text not in _FUNCTIONS:
             what = "function" if self.tok.text == "(" else "name"
             hint = "" if what == "function" else f" (a hyperparameter is written ${token.text})"
-            inputs = f"; inputs: {', '.join(sorted(self.variables))}" if self.variables else ""
-            raise ExprSyntaxError(f"unknown {what} {token.text!r}{hint}; {_ALLOWED}{inputs}", token.col)
+            raise ExprSyntaxError(f"unknown {what} {token.text!r}{hint}; {_allowed(self.variables)}", token.col)
         arity, function = _FUNCTIONS[token.text]
         self.functions.add(token.text)
         self.expect("(")

@@ -233,13 +233,18 @@ def test_syntax_errors(text, fragment, col):
     assert isinstance(err.value, ValueError) and str(err.value) == f"{err.value.message} (at column {col})"
 
 
-def test_unknown_names_list_what_is_allowed():
-    with pytest.raises(ExprSyntaxError) as err:
-        parse_expr("gamma(2)")
-    from opdsl.expr import EXPRESSION_WORDS
+def test_unknown_names_list_what_is_allowed_where_they_are_written():
+    """The per-tensor functions and the inputs are offered only in a map node's expression."""
+    from opdsl.expr import EXPRESSION_WORDS, PER_TENSOR_FUNCTIONS
 
     functions = sorted(EXPRESSION_WORDS - {"step", "true", "false", "and", "or", "not"})
-    assert ", ".join(functions) in err.value.message and "$hyperparameters" in err.value.message
+    with pytest.raises(ExprSyntaxError) as scalar_field:
+        parse_expr("gamma(2)")
+    scalar_functions = [f for f in functions if f not in PER_TENSOR_FUNCTIONS]
+    assert scalar_field.value.message.endswith("$hyperparameters, step, true, false and the functions " + ", ".join(scalar_functions))
+    with pytest.raises(ExprSyntaxError) as map_expr:
+        parse_expr("gamma(x)", {"x", "u"})
+    assert map_expr.value.message.endswith("the functions " + ", ".join(functions) + "; inputs: u, x")
 
 
 def test_long_flat_expressions_are_fine():
@@ -310,3 +315,26 @@ def test_floor_and_clamp():
     assert parse_expr("clamp(step, 2, 5)").evaluate(env) == 5
     t = parse_expr("clamp(x, -1, 1)", {"x"}).evaluate(variables({"x": torch.tensor([-3.0, 0.5, 2.0])}))
     assert torch.equal(t, torch.tensor([-1.0, 0.5, 1.0]))
+
+
+@pytest.mark.parametrize("a, b", [(7.0, 3.0), (-7.0, 3.0), (7.0, -3.0), (-7.5, -2.0), (0.25, 0.1)])
+def test_remainder_has_the_sign_of_the_divisor_on_numbers_and_tensors(a, b):
+    expr = parse_expr("$a % $b")
+    assert expr.evaluate({"a": a, "b": b}) == a % b
+    on_tensors = expr.evaluate({"a": t64(a), "b": t64(b)})
+    assert on_tensors.dtype == torch.float64 and on_tensors.item() == torch.remainder(t64(a), t64(b)).item() == a % b
+
+
+def test_remainder_binds_like_a_product_and_makes_periodic_conditions():
+    assert value("1 + 7 % 4 * 2") == 1 + 7 % 4 * 2 == 7.0
+    assert value("2 ** 3 % 5") == 3.0 and value("-7 % 3") == 2.0
+    every_third = parse_expr("step % 3 == 0")
+    assert [every_third.evaluate({"step": s}) for s in range(1, 7)] == [False, False, True, False, False, True]
+    x = torch.tensor([-2.5, 0.5, 4.0])
+    assert torch.equal(parse_expr("x % 2", {"x"}).evaluate(variables({"x": x})), torch.remainder(x, 2))
+
+
+def test_remainder_by_the_number_zero_is_refused_like_division():
+    with pytest.raises(ExprEvalError, match="by zero"):
+        parse_expr("x % ($k - 2)", {"x"}).evaluate({"k": 2.0, **variables({"x": torch.ones(2)})})
+

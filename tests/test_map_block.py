@@ -152,6 +152,7 @@ def _one_step(expr: str, with_: str = "{p: param}", dtype=torch.float64, compile
         ("abs(x > 0) + sign(p > 0)", [2, 1, 1, 0]),
         ("max(x > 0, p > 0)", [1, 1, 1, 0]),
         ("where(x * p > 0, 0.1, 0.3)", [0.1, 0.3, 0.3, 0.1]),
+        ("x % 1.5 + p % -3", [-1.5, -1, 0.5, -1]),  # the remainder takes the divisor's sign, as in Python
     ],
 )
 def test_comparisons_count_as_one_and_zero(expr, expected):
@@ -159,9 +160,9 @@ def test_comparisons_count_as_one_and_zero(expr, expected):
     assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-12, got  # float64 throughout: where's 0.1 too
 
 
-def test_comparisons_as_numbers_compile():
-    got = _one_step("(x > 0) - (p > 0) + abs(x > 0)", compiled=True)
-    assert max(abs(a - b) for a, b in zip(got, [1, 2, -1, 0])) < 1e-12, got
+def test_comparisons_and_remainders_compile():
+    got = _one_step("(x > 0) - (p > 0) + abs(x > 0) + x % 1.5", compiled=True)
+    assert max(abs(a - b) for a, b in zip(got, [1.5, 3, -0.5, 0])) < 1e-12, got
 
 
 def test_a_map_can_read_a_scalar_state_and_gives_a_parameter_like_value():
