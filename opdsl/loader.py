@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from opdsl.blocks import BLOCKS, Block, block_class
 from opdsl.errors import Location, Problem, SpecError
-from opdsl.expr import Expr
+from opdsl.expr import Expr, ExprSyntaxError
 from opdsl.graph import SOURCES, check_graph, parse_ref
 from opdsl.scalars import evaluator_at
 from opdsl.spec import MAIN_GRAPH, RESERVED_NAMES, SPEC_VERSION, GraphSpec, Requirement, Spec, lr_problem, requirement_problems
@@ -386,6 +386,10 @@ class _SpecBuilder:
                     self.problem(path, f"{where} has too few items: item {item['loc'][-1]} (counting from 0) is missing")
             elif item["type"] == "missing":
                 self.problem(path[:-1] if len(path) > len(base) else path, f"{where} is required")
+            elif isinstance(error := item.get("ctx", {}).get("error"), ExprSyntaxError) and (
+                at := self.doc.where_in(path, error.col - 1)
+            ):
+                self.problems.append(Problem(at, f"{where}: {error.message}"))  # at the column itself
             else:
                 message = item["msg"].removeprefix("Value error, ")
                 self.problem(path, f"{where}: {message}")

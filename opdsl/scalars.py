@@ -53,7 +53,7 @@ def parse_scalar(value: Any) -> float | Expr:
         try:
             expr = parse_expr(value)
         except ExprSyntaxError as err:
-            raise ValueError(f"bad expression {value!r}: {err.message} (at column {err.col})") from None
+            raise ExprSyntaxError(f"bad expression {value!r}: {err.message}", err.col) from None
         if not expr.hypers and not expr.uses_step:
             folded = expr.evaluate({})
             if isinstance(folded, bool):
@@ -70,7 +70,7 @@ def _parse_condition(value: Any) -> bool | Expr:
         try:
             return parse_expr(value)
         except ExprSyntaxError as err:
-            raise ValueError(f"bad condition {value!r}: {err.message} (at column {err.col})") from None
+            raise ExprSyntaxError(f"bad condition {value!r}: {err.message}", err.col) from None
     raise ValueError("expected true, false or a condition such as '$momentum != 0'")
 
 

@@ -108,6 +108,7 @@ class _Builder:
         self.file = file
         self.values: dict[_Path, Location] = {}
         self.keys: dict[_Path, Location] = {}
+        self.strings: dict[_Path, yaml.ScalarNode] = {}
         self.problems: list[Problem] = []
 
     def problem(self, node: yaml.Node, message: str) -> None:
@@ -137,6 +138,8 @@ class _Builder:
             return self.mapping(node, path)
         if isinstance(node, yaml.SequenceNode):
             return [self.value(item, path + (index,)) for index, item in enumerate(node.value)]
+        if node.tag == _STR:
+            self.strings[path] = node
         return self.scalar(node)
 
     def scalar(self, node: yaml.ScalarNode) -> Any:
@@ -185,11 +188,21 @@ class LocatedDocument:
     data: Any
     file: str
 
-    def __init__(self, data: Any, file: str, values: dict[_Path, Location], keys: dict[_Path, Location]):
+    def __init__(
+        self,
+        data: Any,
+        file: str,
+        values: dict[_Path, Location],
+        keys: dict[_Path, Location],
+        text: str = "",
+        strings: dict[_Path, yaml.ScalarNode] | None = None,
+    ):
         self.data = data
         self.file = file
         self._values = values
         self._keys = keys
+        self._text = text
+        self._strings = strings or {}
 
     def where(self, path: Sequence[str | int]) -> Location:
         """Location of the value at ``path`` (e.g. ``("nodes", "m", "beta")`` or ``("groups", 0, "match")``).
@@ -201,9 +214,52 @@ class LocatedDocument:
             known = known[:-1]
         return self._values.get(known, Location(self.file))
 
+    def where_in(self, path: Sequence[str | int], offset: int) -> Location | None:
+        """Location of character ``offset`` (0-based) of the string value at ``path``, through quotes and
+        the line folding of multi-line strings; None where the value's text cannot be followed in the file
+        (an escape sequence before ``offset``)."""
+        node = self._strings.get(tuple(path))
+        if node is None or not 0 <= offset <= len(node.value):
+            return None
+        position = _source_index(self._text, node, offset)
+        return None if position is None else _offset_location(self.file, self._text[:position])
+
     def key_where(self, path: Sequence[str | int]) -> Location:
         """Location of the *key* of the mapping entry at ``path``; falls back to :meth:`where`."""
         return self._keys.get(tuple(path)) or self.where(path)
+
+
+def _source_index(text: str, node: yaml.ScalarNode, offset: int) -> int | None:
+    """Index in ``text`` of character ``offset`` of the string ``node`` holds.
+
+    YAML turns line breaks and indentation inside a string into single spaces (or keeps them, in a
+    ``|`` block), so the value and its source agree on everything but whitespace: the n-th non-space
+    character of the value is the n-th of the source, after its opening quote or block header. An
+    offset at a space or at the end goes just after the non-space character before it. None where the
+    two disagree before that point (an escape sequence).
+    """
+    source = text[node.start_mark.index : node.end_mark.index]
+    if node.style in ("|", ">"):
+        start = source.find("\n") + 1
+        if start == 0:
+            return None
+    else:
+        start = 1 if node.style in ("'", '"') else 0
+    value = node.value
+    visible = [c for c in value if not c.isspace()]
+    wanted = sum(not c.isspace() for c in value[:offset])  # non-space characters before the offset
+    after_previous = wanted > 0 and (offset == len(value) or value[offset].isspace())
+    seen = 0
+    for index in range(start, len(source)):
+        char = source[index]
+        if char.isspace():
+            continue
+        if seen >= len(visible) or char != visible[seen]:
+            return None
+        seen += 1
+        if seen == wanted + (0 if after_previous else 1):
+            return node.start_mark.index + index + (1 if after_previous else 0)
+    return None
 
 
 def _too_big(file: str, size: int) -> SpecError:
@@ -241,7 +297,7 @@ def load_yaml_text(text: str, file: str = "<string>") -> LocatedDocument:
         raise SpecError(builder.problems)
     if data is None:
         raise SpecError([Problem(Location(file), "empty spec")])
-    return LocatedDocument(data, file, builder.values, builder.keys)
+    return LocatedDocument(data, file, builder.values, builder.keys, text, builder.strings)
 
 
 def load_yaml_file(path: str | os.PathLike) -> LocatedDocument:

@@ -429,3 +429,53 @@ def test_a_used_specs_requirements_hold_for_its_route(tmp_path):
 def test_a_requirement_that_is_not_a_condition_is_refused():
     found = problems(REQUIRE.replace('"$beta < 0.95"', '"$beta"'))
     assert len(found) == 1 and "is not a condition (it gives 0.9)" in found[0]
+
+
+LOCATED_EXPRESSIONS = {
+    "plain": "  m: {block: ema, input: grad, beta: $beta +* 2}\n",
+    "single-quoted": "  m: {block: ema, input: grad, beta: '$beta +* 2'}\n",
+    "double-quoted": '  m: {block: ema, input: grad, beta: "$beta +* 2"}\n',
+    "folded": "  m:\n    block: ema\n    input: grad\n    beta: >-\n      $beta\n      +* 2\n",
+    "literal": "  m:\n    block: ema\n    input: grad\n    beta: |\n      $beta +\n        * 2\n",
+    "plain, two lines": "  m:\n    block: ema\n    input: grad\n    beta: $beta\n      +* 2\n",
+}
+
+
+@pytest.mark.parametrize("style", list(LOCATED_EXPRESSIONS))
+def test_an_expression_error_points_at_its_column_in_the_file(style):
+    text = "opdsl: 1\nname: t\nhyper: {lr: 0.1, beta: 0.9}\nnodes:\n" + LOCATED_EXPRESSIONS[style] + "output: m\n"
+    with pytest.raises(SpecError) as info:
+        opdsl.load_spec("spec.yaml", text=text)
+    (problem,) = info.value.problems
+    line = text.splitlines()[problem.location.line - 1]
+    assert line[problem.location.col - 1 :].startswith("* 2"), (style, problem)
+    assert problem.message.endswith("got '*'") and "column" not in problem.message
+
+
+def test_expression_errors_are_located_in_conditions_maps_and_at_the_end_of_the_text():
+    text = textwrap.dedent("""\
+        opdsl: 1
+        name: t
+        hyper: {lr: 0.1, beta: 0.9}
+        require:
+          - {check: "$beta < 1 and", message: beta below 1}
+        nodes:
+          m: {block: ema, input: grad, beta: $beta}
+          d:
+            block: map
+            input: m
+            expr: >
+              x * 2
+                + foo(x)
+        output: d
+        """)
+    with pytest.raises(SpecError) as info:
+        opdsl.load_spec("spec.yaml", text=text)
+    lines = text.splitlines()
+    located = {p.message.split(":")[0]: lines[p.location.line - 1][p.location.col - 1 :] for p in info.value.problems}
+    assert located == {"'require.0.check'": '", message: beta below 1}', "node 'd' (map), field 'expr'": "foo(x)"}
+
+
+def test_an_expression_error_behind_an_escape_sequence_keeps_the_field_location_and_the_column():
+    (problem,) = problems('opdsl: 1\nname: t\nhyper: {lr: 0.1}\nnodes:\n  d: {block: map, input: grad, expr: "x \\" + 1"}\noutput: d\n')
+    assert problem.startswith("spec.yaml:5:38: ") and problem.endswith("unexpected character '\"' (at column 3)")
