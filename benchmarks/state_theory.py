@@ -148,6 +148,10 @@ THEORY: dict[str, Theory] = {
     "adagrad": Theory(
         "S = sum of g^2, full-size; lr_decay and the initial value need no state (algorithms.md §7: AdaGrad)",
         full(1)),
+    "adadelta": Theory(
+        "the running means of g^2 and of the squared updates, both full-size (Zeiler 2012, Algorithm 1; "
+        "torch.optim.Adadelta's square_avg and acc_delta)",
+        full(2)),
     "adamax": Theory(
         "m and the running maximum u = max(b2 u, |g| + eps), both full-size (torch.optim.Adamax's update rule)",
         full(2)),
@@ -159,6 +163,11 @@ THEORY: dict[str, Theory] = {
         "m and v, full-size, and the product of the momentum schedule mu_1...mu_t, one shared scalar "
         "(torch.optim.NAdam's mu_product)",
         lambda shape, hyper: 2 * numel(shape) + 1),
+    "asgd": Theory(
+        "the averaged iterate ax, full-size, and the step size eta and averaging weight mu of the next step, one "
+        "shared scalar each: eta is computed from the lr (lambd, alpha) of the step before, which a schedule "
+        "changes, and mu from its t0, so neither is a function of this step's values (torch.optim.ASGD's state)",
+        lambda shape, hyper: numel(shape) + 2),
     "radam": Theory(
         "m and v, full-size; the rectification is a function of the step (torch.optim.RAdam's update rule)",
         full(2)),
@@ -221,6 +230,10 @@ THEORY: dict[str, Theory] = {
     "qhadamw": Theory(
         "m and v, full-size; vmax too only with amsgrad (default false) (algorithms.md §8a: AggMoAdamW with J = 1)",
         adam_like(), AMSGRAD_OFF),
+    "rprop": Theory(
+        "the previous gradient (zeroed where its sign flipped) and the per-weight step size, both full-size "
+        "(Riedmiller & Braun 1993; torch.optim.Rprop's prev and step_size)",
+        full(2)),
     "rmsprop": Theory(
         "v full-size; + mean of g if centered, + momentum buffer if momentum > 0 (defaults: centered false, "
         "momentum 0, specs/rmsprop.yaml) (torch.optim.RMSprop's update rule)",

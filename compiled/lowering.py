@@ -8,7 +8,8 @@ A :class:`Program` is one graph as it runs for one bucket: build-time ``if:`` co
    buckets of its graph before its forward runs: one reduction the back end knows statically),
 2. checks the gradients are finite (``on_nonfinite='skip'``: a bad step leaves everything untouched,
    decided on the device, with no host sync), through sums of the gradients the blocks offered where they can,
-3. applies ``param <- param - lr * output`` and writes the new states in place.
+3. applies ``param <- param - lr * output`` (``param <- output`` for a graph with ``output_is: param``) and
+   writes the new states in place.
 
 The same function runs eagerly or under torch.compile (:mod:`opdsl.compiled.fusion`).
 
@@ -66,6 +67,7 @@ class Program:
     steps: tuple[NodeStep, ...]
     output: Source
     disabled: tuple[str, ...] = ()
+    output_is: str = "update"  # "param": the output is the parameter's next value, not an update lr scales
 
     @property
     def state_specs(self) -> dict[str, StateSpec]:
@@ -115,7 +117,7 @@ def build_program(graph_name: str, graph: GraphSpec, decide: Callable[[Any], boo
             (port, source(resolve(parse_ref(ref)), name)) for port, ref in block.inputs().items() if port != "else"
         )
         steps.append(NodeStep(name, block, inputs, tuple(block.state_specs().items())))
-    return Program(graph_name, tuple(steps), source(resolve(parse_ref(graph.output)), "output"), tuple(disabled))
+    return Program(graph_name, tuple(steps), source(resolve(parse_ref(graph.output)), "output"), tuple(disabled), graph.output_is)
 
 
 def reads_source(program: Program, name: str) -> bool:
@@ -203,8 +205,10 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
         for i, (b, run) in enumerate(zip(buckets, runs)):
             ok = None if ok_home is None else ok_home.to(params[i].device)
             update = _read(run, b.program.output)
-            lr = run.ctx.env["lr"]
-            new_param = params[i] - lr * update
+            if b.program.output_is == "param":
+                new_param = update
+            else:
+                new_param = params[i] - run.ctx.env["lr"] * update
             keep = _keep_mask(ok, actives[i], run.ctx)
             _write(params[i], new_param, keep)
             for key, new in run.new_state.items():

@@ -140,7 +140,7 @@ def to_text(graph: GraphSpec) -> str:
         inputs = ", ".join(f"{port}={ref}" for port, ref in ports.items())
         extra = ", ".join(f"{k}={v}" for k, v in params.items() if k not in ports)  # `else` is both
         lines.append(f"  {name} = {block.block}({inputs}{', ' if inputs and extra else ''}{extra})")
-    lines.append(f"  param <- param - lr * {graph.output}")
+    lines.append(f"  param <- {graph.output}" if graph.output_is == "param" else f"  param <- param - lr * {graph.output}")
     return "\n".join(lines)
 
 

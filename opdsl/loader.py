@@ -19,12 +19,12 @@ from opdsl.errors import Location, Problem, SpecError
 from opdsl.expr import Expr, ExprSyntaxError
 from opdsl.graph import SOURCES, check_graph, parse_ref
 from opdsl.scalars import evaluator_at
-from opdsl.spec import MAIN_GRAPH, RESERVED_NAMES, SPEC_VERSION, GraphSpec, Requirement, Spec, lr_problem, requirement_problems
+from opdsl.spec import MAIN_GRAPH, RESERVED_NAMES, SPEC_VERSION, GraphSpec, OUTPUT_KINDS, Requirement, Spec, lr_problem, requirement_problems
 from opdsl.yaml_loader import LocatedDocument, load_yaml_file, load_yaml_text
 
 __all__ = ["load_spec", "shipped_specs", "resolve_spec_path"]
 
-_GRAPH_KEYS = ("nodes", "output")
+_GRAPH_KEYS = ("nodes", "output", "output_is")
 
 
 def shipped_specs() -> dict[str, Path]:
@@ -110,7 +110,7 @@ class _SpecBuilder:
             self.problem((), "a spec must be a mapping with keys opdsl, name, hyper, nodes, output")
             raise SpecError(self.problems)
         graphs = self._graphs(data)
-        top = {k: v for k, v in data.items() if k not in ("nodes", "output", "graphs")}
+        top = {k: v for k, v in data.items() if k not in (*_GRAPH_KEYS, "graphs")}
         spec = None
         try:
             spec = Spec.model_validate({**top, "graphs": graphs or {}, "source": self.doc.file})
@@ -161,6 +161,8 @@ class _SpecBuilder:
             self.problem((), "the spec has no graph: add `nodes:` and `output:`")
             return None
         has_main = "nodes" in data or "output" in data
+        if "output_is" in data and not has_main:
+            self.problem(("output_is",), "`output_is` belongs to a graph: give it beside the top-level `nodes` and `output`", key=True)
         extra = data.get("graphs", {})
         if not isinstance(extra, dict):
             self.problem(("graphs",), "`graphs` must map graph names to {nodes, output}")
@@ -187,6 +189,11 @@ class _SpecBuilder:
             if key not in _GRAPH_KEYS and path:
                 self._unknown_key(path + (key,), key, _GRAPH_KEYS, "graph")
         nodes_raw, output = body.get("nodes"), body.get("output")
+        output_is = body.get("output_is", "update")
+        if output_is not in OUTPUT_KINDS:
+            self.problem(path + ("output_is",), f"`output_is` must be one of {', '.join(OUTPUT_KINDS)}, got {output_is!r}: "
+                         "`update` steps param <- param - lr * output, `param` sets param <- output")
+            output_is = "update"
         if not isinstance(nodes_raw, dict) or not nodes_raw:
             self.problem(path + ("nodes",), "`nodes` must be a non-empty mapping of node name -> block")
             return None
@@ -200,7 +207,7 @@ class _SpecBuilder:
                 block = _Failed.stand_in(node, set(nodes_raw) | set(SOURCES))
             if block is not None:
                 nodes[name] = block
-        return GraphSpec(nodes=nodes, output=output)
+        return GraphSpec(nodes=nodes, output=output, output_is=output_is)
 
     def _node(self, path: tuple, name: str, node: Any):
         if name in RESERVED_NAMES or not name.replace("_", "a").replace("-", "a").isalnum():

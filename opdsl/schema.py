@@ -12,7 +12,7 @@ from typing import Any, Literal, Union
 from pydantic import ConfigDict, Field, create_model
 
 from opdsl.blocks import BLOCKS
-from opdsl.spec import MAIN_GRAPH, SPEC_VERSION, Requirement, Route, Spec
+from opdsl.spec import MAIN_GRAPH, SPEC_VERSION, GraphSpec, Requirement, Route, Spec
 
 __all__ = ["spec_json_schema"]
 
@@ -23,7 +23,8 @@ def spec_json_schema() -> dict[str, Any]:
     nodes = (dict[str, node], Field(min_length=1, description="node name -> block"))
     output = (str, Field(description="the node whose value updates the parameters"))
     config = ConfigDict(extra="forbid")
-    graph = create_model("Graph", __config__=config, nodes=nodes, output=output)
+    output_is = (GraphSpec.model_fields["output_is"].annotation, GraphSpec.model_fields["output_is"])
+    graph = create_model("Graph", __config__=config, nodes=nodes, output=output, output_is=output_is)
     fields = Spec.model_fields
     spec_file = create_model(
         "OpdslSpec",
@@ -36,6 +37,7 @@ def spec_json_schema() -> dict[str, Any]:
         hyper=(fields["hyper"].annotation, fields["hyper"]),
         nodes=(dict[str, node], Field(None, min_length=1, description="the top-level graph's nodes")),
         output=(str, Field(None, description="the top-level graph's output node")),
+        output_is=output_is,
         graphs=(dict[str, graph], Field(default_factory=dict, description="more named graphs, for `groups`")),
         groups=(list[Route], Field(default_factory=list)),
         require=(list[Requirement], Field(default_factory=list, description="conditions every group's values meet")),
@@ -43,7 +45,7 @@ def spec_json_schema() -> dict[str, Any]:
     schema = spec_file.model_json_schema(by_alias=True)
     # The loader's rules on the graph layout: `nodes` and `output` come together (the top-level graph),
     # a spec without them has named `graphs` instead, and `main` is the top-level graph's reserved name.
-    schema["dependentRequired"] = {"nodes": ["output"], "output": ["nodes"]}
+    schema["dependentRequired"] = {"nodes": ["output"], "output": ["nodes"], "output_is": ["nodes"]}
     schema["anyOf"] = [{"required": ["nodes"]}, {"required": ["graphs"]}]
     for key in ("nodes", "output"):
         del schema["properties"][key]["default"]  # absent, never null

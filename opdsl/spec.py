@@ -11,19 +11,19 @@ import hashlib
 import json
 import math
 import numbers
-from typing import Annotated, Any, Mapping, Sequence, Union
+from typing import Annotated, Any, Literal, Mapping, Sequence, Union
 
 import torch
 from pydantic import (
     BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, StrictInt, WithJsonSchema, field_validator,
-    model_validator,
+    model_serializer, model_validator,
 )
 
 from opdsl.blocks.base import Block
 from opdsl.expr import Expr
 from opdsl.scalars import Condition, to_float
 
-__all__ = ["HyperValue", "Match", "Requirement", "Route", "requirement_problems", "GraphSpec", "Spec", "SPEC_VERSION", "MAIN_GRAPH", "hyper_value", "lr_problem"]
+__all__ = ["HyperValue", "Match", "Requirement", "Route", "requirement_problems", "GraphSpec", "OUTPUT_KINDS", "Spec", "SPEC_VERSION", "MAIN_GRAPH", "hyper_value", "lr_problem"]
 
 SPEC_VERSION = 1
 MAIN_GRAPH = "main"
@@ -177,9 +177,26 @@ class Route(_Model):
         return self.use or self.graph or MAIN_GRAPH
 
 
+#: What a graph's output is: ``update`` (the default), param <- param - lr * output; ``param``, the parameter's
+#: next value, param <- output (a method whose step size is its own state: Rprop's, ASGD's eta).
+OUTPUT_KINDS = ("update", "param")
+OUTPUT_IS_DESCRIPTION = (
+    "what the output is: `update` (param <- param - lr * output) or `param` (param <- output, the next "
+    "value, which the graph computes itself; lr is then only what it reads as $lr)"
+)
+
+
 class GraphSpec(_Model):
     nodes: dict[str, SerializeAsAny[Block]]
     output: str
+    output_is: Literal["update", "param"] = Field("update", description=OUTPUT_IS_DESCRIPTION)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> Any:
+        data = handler(self)
+        if self.output_is == "update" and isinstance(data, dict):
+            data.pop("output_is", None)  # the default is left out: digests of specs without the key stay as they were
+        return data
 
 
 class Spec(_Model):

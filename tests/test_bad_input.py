@@ -479,3 +479,35 @@ def test_expression_errors_are_located_in_conditions_maps_and_at_the_end_of_the_
 def test_an_expression_error_behind_an_escape_sequence_keeps_the_field_location_and_the_column():
     (problem,) = problems('opdsl: 1\nname: t\nhyper: {lr: 0.1}\nnodes:\n  d: {block: map, input: grad, expr: "x \\" + 1"}\noutput: d\n')
     assert problem.startswith("spec.yaml:5:38: ") and problem.endswith("unexpected character '\"' (at column 3)")
+
+
+def test_output_is_takes_update_or_param_beside_a_graph():
+    """`output_is` says what the output is; a wrong value, or one with no graph beside it, is located."""
+    found = problems(GOOD + "output_is: params\n")
+    assert len(found) == 1 and found[0].startswith("spec.yaml:9:") and "`output_is` must be one of update, param" in found[0]
+    no_graph = GOOD.replace("nodes:\n  m: {block: ema, input: grad, beta: $beta}\noutput: m\n", "output_is: param\n")
+    no_graph += "graphs:\n  g:\n    nodes: {m: {block: ema, input: grad, beta: $beta}}\n    output: m\n"
+    found = problems(no_graph)
+    assert len(found) == 1 and found[0].startswith("spec.yaml:6:") and "`output_is` belongs to a graph" in found[0]
+    named = problems(no_graph.replace("output_is: param\n", "").replace("    output: m\n", "    output: m\n    output_is: 0\n"))
+    assert len(named) == 1 and named[0].startswith("spec.yaml:10:") and "got 0" in named[0]
+
+
+def test_output_is_param_sets_the_parameter_and_keeps_the_engines_guards():
+    """param <- output: lr scales nothing (it is read as $lr or not at all); a parameter without a gradient
+    and a skipped non-finite step are left alone as with an update; the default leaves digests as they were."""
+    from opdsl.graph import to_text
+
+    spec = opdsl.load_spec("next.yaml", text=GOOD.replace("output: m\n", "  new: {block: map, input: param, with: {m: m}, expr: \"x - 0.5 * m\"}\noutput: new\noutput_is: param\n"))
+    assert spec.main.output_is == "param" and to_text(spec.main).endswith("param <- new")
+    assert "output_is" not in str(opdsl.load_spec("spec.yaml", text=GOOD).canonical())
+    assert opdsl.load_spec("spec.yaml", text=GOOD).digest == opdsl.load_spec("spec.yaml", text=GOOD + "output_is: update\n").digest
+    p, frozen = torch.nn.Parameter(torch.tensor([1.0, -2.0])), torch.nn.Parameter(torch.tensor([3.0]))
+    opt = opdsl.Optimizer([p, frozen], spec, lr=7.0, compile=False)
+    p.grad = torch.tensor([2.0, 4.0])
+    opt.step()  # m = 0.1 g; the lr of 7 is not applied
+    assert torch.allclose(p.detach(), torch.tensor([1.0 - 0.5 * 0.2, -2.0 - 0.5 * 0.4])) and frozen.item() == 3.0
+    before = p.detach().clone()
+    p.grad = torch.tensor([float("nan"), 1.0])
+    opt.step()
+    assert torch.equal(p.detach(), before) and opt.skipped_steps == 1

@@ -70,7 +70,9 @@ def test_schema_says_what_the_loader_enforces():
     assert pattern == Spec.model_fields["name"].metadata[0].pattern
     assert re.search(pattern, "adamw-sn_2.1") and not re.search(pattern, "bad name!")
     # nodes and output come together; without them the spec has named graphs, none called `main`
-    assert schema["dependentRequired"] == {"nodes": ["output"], "output": ["nodes"]}
+    assert schema["dependentRequired"] == {"nodes": ["output"], "output": ["nodes"], "output_is": ["nodes"]}
+    for graph in (props, defs["Graph"]["properties"]):  # what the output is: an update lr scales, or the next param
+        assert graph["output_is"]["enum"] == ["update", "param"] and graph["output_is"]["default"] == "update"
     assert {"required": ["nodes"]} in schema["anyOf"] and {"required": ["graphs"]} in schema["anyOf"]
     assert props["output"]["type"] == "string" and props["nodes"]["minProperties"] == 1
     assert "default" not in props["output"] and "default" not in props["nodes"]

@@ -35,6 +35,14 @@ CASES = [
     ("radam-decoupled", "radam", "mlp", {"weight_decay": 0.1, "decoupled_weight_decay": True}, torch.optim.RAdam, {"weight_decay": 0.1, "decoupled_weight_decay": True}, {"lr": 3e-3}, False),
     ("rmsprop", "rmsprop", "transformer", {"lr": 1e-3}, torch.optim.RMSprop, {"lr": 1e-3}, {"weight_decay": 1e-2}, True),
     ("rmsprop-centered-momentum", "rmsprop", "mlp", {"lr": 1e-3, "centered": True, "momentum": 0.9}, torch.optim.RMSprop, {"lr": 1e-3, "centered": True, "momentum": 0.9}, {"alpha": 0.9}, False),
+    ("adadelta", "adadelta", "transformer", {"lr": 0.5, "rho": 0.8, "weight_decay": 1e-2}, torch.optim.Adadelta, {"lr": 0.5, "rho": 0.8, "weight_decay": 1e-2}, {"weight_decay": 0.0, "eps": 1e-5}, True),
+    ("adadelta-defaults", "adadelta", "lstm", {}, torch.optim.Adadelta, {}, {"rho": 0.95}, False),
+    ("rprop", "rprop", "transformer", {"lr": 2e-2, "etas": (0.4, 1.3), "step_sizes": (1e-5, 0.1)}, torch.optim.Rprop, {"lr": 2e-2, "etas": (0.4, 1.3), "step_sizes": (1e-5, 0.1)}, {"lr": 5e-3}, True),
+    # the second group's first step size (lr 5.0, 0.2 after OneCycle's warm start) is clamped to step_sizes[1] at step 1
+    ("rprop-first-step-clamped", "rprop", "mlp", {"step_sizes": (1e-6, 0.05)}, torch.optim.Rprop, {"step_sizes": (1e-6, 0.05)}, {"lr": 5.0, "etas": (0.6, 1.1)}, False),
+    # t0 = 50: the average starts at step 51 (mu < 1 from step 52)
+    ("asgd", "asgd", "transformer", {"lr": 5e-2, "lambd": 1e-3, "alpha": 0.6, "t0": 50.0, "weight_decay": 1e-2}, torch.optim.ASGD, {"lr": 5e-2, "lambd": 1e-3, "alpha": 0.6, "t0": 50.0, "weight_decay": 1e-2}, {"weight_decay": 0.0, "lr": 2e-2}, True),
+    ("asgd-defaults", "asgd", "lstm", {}, torch.optim.ASGD, {}, {"lambd": 1e-2, "t0": 10.0}, False),
 ]
 
 
@@ -47,6 +55,62 @@ def test_matches_torch(case):
         lambda m: torch_cls(two_groups(m, **second), foreach=False, **torch_kw),
     )
     assert diff < TOL, f"{spec}: max relative parameter difference {diff:.3g} >= {TOL}"
+
+
+TOL_FLOAT64 = 1e-14
+# The specs written with `map` nodes, in float64, against torch in float64: (id, spec, model kind, kwargs for
+# both, torch factory, second-group overrides, {opdsl state key: torch state key} compared after the run).
+FLOAT64_CASES = [
+    ("adamax", "adamax", "mlp", {"weight_decay": 1e-2}, torch.optim.Adamax, {"betas": (0.8, 0.99)},
+     {"m.value": "exp_avg", "u.value": "exp_inf"}),
+    ("nadam", "nadam", "mlp", {"weight_decay": 1e-2}, torch.optim.NAdam, {"betas": (0.8, 0.99)},
+     {"m.value": "exp_avg", "v.value": "exp_avg_sq", "prod.value": "mu_product"}),
+    ("radam", "radam", "mlp", {"weight_decay": 1e-2}, torch.optim.RAdam, {"betas": (0.9, 0.99)},
+     {"m.value": "exp_avg", "v.value": "exp_avg_sq"}),
+    ("adadelta", "adadelta", "mlp", {"lr": 0.5, "rho": 0.8, "weight_decay": 1e-2}, torch.optim.Adadelta, {"eps": 1e-5},
+     {"square_avg.value": "square_avg", "acc_delta.value": "acc_delta"}),
+    ("rprop", "rprop", "mlp", {"lr": 2e-2, "etas": (0.4, 1.3), "step_sizes": (1e-5, 0.1)}, torch.optim.Rprop, {"lr": 5.0},
+     {"prev.value": "prev", "step_size.value": "step_size"}),
+    ("asgd", "asgd", "mlp", {"lr": 5e-2, "lambd": 1e-3, "alpha": 0.6, "t0": 50.0, "weight_decay": 1e-2}, torch.optim.ASGD,
+     {"lr": 2e-2, "weight_decay": 0.0}, {"ax.value": "ax", "eta.value": "eta", "mu.value": "mu"}),
+]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("case", FLOAT64_CASES, ids=[c[0] for c in FLOAT64_CASES])
+def test_matches_torch_float64(case, compiled):
+    """In float64 the agreement is rounding's (1e-15), not float32's; and the state opdsl keeps (ASGD's
+    averaged iterate ax, Rprop's step sizes, ...) is torch's, read from ``optimizer.state[p]``.
+
+    torch keeps its per-step scalars (NAdam's mu_product, ASGD's eta and mu, the step) in the default dtype,
+    so torch runs with float64 as its default here; opdsl keeps them in float64 always."""
+    _, spec, kind, kwargs, torch_cls, second, states = case
+    made = {}
+
+    def make(key, build):
+        return lambda m: made.setdefault(key, build(two_groups(m, **second)))
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        diff = run_side_by_side(
+            kind,
+            make("ours", lambda groups: opdsl.Optimizer(groups, spec, compile=compiled, **kwargs)),
+            make("ref", lambda groups: torch_cls(groups, foreach=False, **kwargs)),
+            dtype=torch.float64,
+        )
+    finally:
+        torch.set_default_dtype(before)
+    assert diff < TOL_FLOAT64, f"{spec}: max relative parameter difference {diff:.3g} >= {TOL_FLOAT64}"
+    ours, ref = made["ours"], made["ref"]
+    for ours_group, ref_group in zip(ours.param_groups, ref.param_groups):
+        for p, q in zip(ours_group["params"], ref_group["params"]):
+            for key, ref_key in states.items():
+                have, want = ours.state[p][key], ref.state[q][ref_key]
+                assert have.dtype == want.dtype == torch.float64, (key, have.dtype, want.dtype)
+                scale = want.abs().max().clamp(min=1e-300)
+                rel = float((have.reshape(want.shape) - want).abs().max() / scale)
+                assert rel < TOL_FLOAT64, f"{spec}: state {key} differs from torch's {ref_key} by {rel:.3g} (relative)"
 
 
 def _muon_reference(model: torch.nn.Module) -> torch.optim.Optimizer:
