@@ -138,6 +138,7 @@ class BucketArgs:
     numel: int
     group_index: int
     positions: tuple[int, ...]  # each parameter's index in its param group
+    maximize: bool = False  # the graph's sources are the negated gradients
 
 
 @dataclass
@@ -179,7 +180,10 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
             env = {k: _as_scalars(v) for k, v in envs[i].items()}
             env["step"] = t
             ctx = BlockContext(b.segments, env, t, params[i], b.numel, b.positions)
-            runs.append(_Run(ctx, {"grad": grads[i], "param": params[i], **extras[i]}, states[i]))
+            gradients = {"grad": grads[i], **extras[i]}
+            if b.maximize:  # ascend: every block sees -g, as torch's `maximize` negates before anything else
+                gradients = {k: -g for k, g in gradients.items()}
+            runs.append(_Run(ctx, {**gradients, "param": params[i]}, states[i]))
         for graph_name, members in by_graph.items():
             for node in node_order[graph_name]:
                 active = [(i, s) for i in members for s in buckets[i].program.steps if s.name == node]

@@ -18,7 +18,7 @@ __all__ = ["Advice", "GROUP_KEYS", "flattened_refusal", "moved_cause", "warn_use
 
 # keys a group holds besides hyperparameters: opdsl's own and those torch's schedulers add
 GROUP_KEYS = frozenset(
-    {"params", "param_names", "graph", "spec", "initial_lr", "max_lr", "min_lr", "base_lr", "max_momentum", "base_momentum", "swa_lr"}
+    {"params", "param_names", "graph", "spec", "maximize", "initial_lr", "max_lr", "min_lr", "base_lr", "max_momentum", "base_momentum", "swa_lr"}
 )
 _INTERNAL_DIRS = tuple(os.path.dirname(f) + os.sep for f in (__file__, torch.__file__))
 

@@ -19,7 +19,7 @@ from opdsl.errors import Location, Problem, SpecError
 from opdsl.expr import Expr, ExprSyntaxError
 from opdsl.graph import SOURCES, check_graph, parse_ref
 from opdsl.scalars import evaluator_at
-from opdsl.spec import MAIN_GRAPH, RESERVED_NAMES, SPEC_VERSION, GraphSpec, OUTPUT_KINDS, Requirement, Spec, lr_problem, requirement_problems
+from opdsl.spec import ENGINE_OPTIONS, MAIN_GRAPH, RESERVED_NAMES, SPEC_VERSION, GraphSpec, OUTPUT_KINDS, Requirement, Spec, lr_problem, requirement_problems
 from opdsl.yaml_loader import LocatedDocument, load_yaml_file, load_yaml_text
 
 __all__ = ["load_spec", "shipped_specs", "resolve_spec_path"]
@@ -284,6 +284,10 @@ class _SpecBuilder:
         for key in spec.hyper:
             if key in RESERVED_NAMES or not key.isidentifier():
                 self.problem(("hyper", key), f"bad hyperparameter name {key!r}", key=True)
+            elif key in ENGINE_OPTIONS:
+                self.problem(("hyper", key), f"`{key}` is an option of every optimizer (as in torch.optim), not a "
+                             "hyperparameter a spec defines: pass maximize=True to the optimizer or set it in a group",
+                             key=True)
         for index, route in enumerate(spec.groups):
             if route.graph is not None and route.graph not in spec.graphs and route.graph not in self.failed_graphs:
                 self._unknown_ref(("groups", index, "graph"), route.graph, list(spec.graphs), "graph")

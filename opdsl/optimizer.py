@@ -83,6 +83,7 @@ from opdsl.plan import (
     conditions_of,
     float_env,
     graph_reads,
+    maximizes,
     per_param_state,
     reset_state,
     scalar_dtype,
@@ -108,6 +109,9 @@ class Optimizer(torch.optim.Optimizer):
         compile: ``True`` (default) runs the step under torch.compile; ``False`` runs the same function
             eagerly; a dict passes options to torch.compile.
         on_nonfinite: ``"skip"`` (default), ``"error"`` or ``"propagate"`` (see the module docs).
+        maximize: step along the gradient instead of against it, as torch.optim's ``maximize``: every
+            block sees the negated gradient. A group option like the hyperparameters (a group dict may set
+            it; changing it re-plans).
         **hyper: overrides of the spec's hyperparameters (``lr``, ``betas``, ``weight_decay``, ...).
     """
 
@@ -118,6 +122,7 @@ class Optimizer(torch.optim.Optimizer):
         *,
         compile: bool | dict[str, Any] = True,
         on_nonfinite: str = "skip",
+        maximize: bool = False,
         **hyper: Any,
     ):
         if on_nonfinite not in NONFINITE_MODES:
@@ -130,6 +135,7 @@ class Optimizer(torch.optim.Optimizer):
                 f"valid: {', '.join(self._hyper_names)}"
             )
         defaults = {k: _normalize(k, v) for k, v in {**self.spec.hyper, **hyper}.items()}
+        defaults["maximize"] = maximizes({"maximize": maximize}, "maximize")
         self._building = True
         super().__init__(_with_names(params, self._names), defaults)
         self._building = False
@@ -309,6 +315,7 @@ class Optimizer(torch.optim.Optimizer):
         self._conditions = [
             conditions_of(self.spec, g["graph"], float_env(g, self._hyper_names)) for g in self.param_groups
         ]
+        self._maximize = [maximizes(g, f"param_groups[{gi}]['maximize']") for gi, g in enumerate(self.param_groups)]
         for bucket in self._buckets:
             self._envs.setdefault((bucket.group_index, bucket.flat.device), {})
         self._sync_hypers(force=True)
@@ -382,10 +389,12 @@ class Optimizer(torch.optim.Optimizer):
         ``force`` (a re-plan) applies every value: ``build_buckets`` has just checked them all.
         """
         pending = []
+        replan = False
         for gi, group in enumerate(self.param_groups):
             if len(group) != self._key_counts[gi]:
                 self._key_counts[gi] = len(group)
                 self._advice.mistyped_keys(gi, group)
+            replan |= maximizes(group, f"param_groups[{gi}]['maximize']") != self._maximize[gi]
             seen = self._seen[gi]
             changed = [k for k in self._hyper_names if force or seen.get(k, _UNSET) != _mark(group[k])]
             if not changed:
@@ -396,7 +405,6 @@ class Optimizer(torch.optim.Optimizer):
                 check = self._value_checks.get(graph) or self._value_checks.setdefault(graph, GroupValueCheck(self.spec, graph))
                 check(env, f"param_groups[{gi}]", changed)
             pending.append((gi, group, changed, env))
-        replan = False
         for gi, group, changed, env in pending:
             seen = self._seen[gi]
             if not force:
@@ -686,7 +694,8 @@ class Optimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         lines = [f"opdsl.Optimizer(spec={self.spec.name!r}, compile={bool(self._compile)}, groups={len(self.param_groups)})"]
         for gi, group in enumerate(self.param_groups):
-            values = ", ".join(f"{k}={group[k]}" for k in self._hyper_names)
+            shown = [*self._hyper_names, "maximize"] if group.get("maximize") else self._hyper_names
+            values = ", ".join(f"{k}={group[k]}" for k in shown)
             lines.append(f"  [{gi}] graph={group['graph']} params={len(group['params'])} {values}")
         return "\n".join(lines)
 

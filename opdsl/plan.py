@@ -66,10 +66,13 @@ class Bucket:
     state: dict[str, Any]
     step: torch.Tensor
     positions: tuple[int, ...]  # each parameter's index in its param group (stable across bucketing)
+    maximize: bool = False
 
     @property
     def args(self) -> BucketArgs:
-        return BucketArgs(self.program, self.flat.segments, self.flat.numel, self.group_index, self.positions)
+        return BucketArgs(
+            self.program, self.flat.segments, self.flat.numel, self.group_index, self.positions, self.maximize
+        )
 
     @cached_property
     def value_shape(self) -> tuple[int, ...]:
@@ -110,6 +113,16 @@ class Bucket:
             elif index == 0:  # a scalar shared by the bucket: counted once, with its first parameter
                 total += value.numel() * value.element_size()
         return total
+
+
+def maximizes(group: Mapping[str, Any], where: str) -> bool:
+    """A group's ``maximize`` (torch.optim's option, in every spec): True steps along the gradient."""
+    value = group.get("maximize", False)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype == torch.bool:
+        value = bool(value.item())
+    if not isinstance(value, bool):
+        raise ValueError(f"{where} must be True or False, got {value!r}")
+    return value
 
 
 def decider(env: Mapping[str, Any]):
@@ -248,10 +261,12 @@ def build_buckets(
     """
     shape_problems: list[str] = []
     programs: list[Program] = []
+    ascending: list[bool] = []
     for gi, group in enumerate(param_groups):
         graph = group["graph"]
         env = float_env(group, hyper_names)
         GroupValueCheck(spec, graph)(env, f"param_groups[{gi}]")
+        ascending.append(maximizes(group, f"param_groups[{gi}]['maximize']"))
         program = build_program(graph, spec.graphs[graph], decider(env))
         programs.append(program)
         for k, p in enumerate(group["params"]):
@@ -294,7 +309,10 @@ def build_buckets(
             step = counters[device]
             positions = tuple(position[id(p)] for p in params)
             buckets.append(
-                Bucket(gi, group["graph"], flat, [names.get(id(p), "?") for p in params], program, state, step, positions)
+                Bucket(
+                    gi, group["graph"], flat, [names.get(id(p), "?") for p in params], program, state, step, positions,
+                    ascending[gi],
+                )
             )
     return buckets
 

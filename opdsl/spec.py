@@ -23,12 +23,15 @@ from opdsl.blocks.base import Block
 from opdsl.expr import Expr
 from opdsl.scalars import Condition, to_float
 
-__all__ = ["HyperValue", "Match", "Requirement", "Route", "requirement_problems", "GraphSpec", "OUTPUT_KINDS", "Spec", "SPEC_VERSION", "MAIN_GRAPH", "hyper_value", "lr_problem"]
+__all__ = ["ENGINE_OPTIONS", "HyperValue", "Match", "Requirement", "Route", "requirement_problems", "GraphSpec", "OUTPUT_KINDS", "Spec", "SPEC_VERSION", "MAIN_GRAPH", "hyper_value", "lr_problem"]
 
 SPEC_VERSION = 1
 MAIN_GRAPH = "main"
 #: Names the engine provides to expressions itself.
 RESERVED_NAMES = frozenset({"step", "grad", "grad2", "param", "params", "true", "false"})
+#: Group options the engine reads itself, in every spec (as torch.optim's optimizers do): no spec
+#: hyperparameter may take their names.
+ENGINE_OPTIONS = frozenset({"maximize"})
 
 
 def hyper_value(value: Any) -> Any:

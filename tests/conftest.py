@@ -101,8 +101,11 @@ def run_side_by_side(
     steps: int = 200,
     schedule: bool = True,
     dtype: torch.dtype = torch.float32,
+    reward: bool = False,
 ) -> float:
-    """Train two copies of one model, each with its optimizer, on the same data; return the max rel diff."""
+    """Train two copies of one model, each with its optimizer, on the same data; return the max rel diff.
+
+    ``reward``: the optimizers are given the negated loss, for optimizers built with ``maximize=True``."""
     ours_model = make_model(kind, dtype)
     ref_model = copy.deepcopy(ours_model)
     ours, ref = make_ours(ours_model), make_ref(ref_model)
@@ -113,7 +116,7 @@ def run_side_by_side(
     for step in range(steps):
         for model, opt in ((ours_model, ours), (ref_model, ref)):
             opt.zero_grad()
-            loss_of(model, kind, step, dtype).backward()
+            (-loss_of(model, kind, step, dtype) if reward else loss_of(model, kind, step, dtype)).backward()
             opt.step()
         for s in scheds:
             s.step()

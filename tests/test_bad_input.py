@@ -172,6 +172,21 @@ def test_runtime_hyper_out_of_range_is_refused_before_the_step():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_maximize_takes_true_or_false_and_is_no_spec_hyperparameter():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="maximize must be True or False, got 'yes'"):
+        opdsl.Optimizer(model.parameters(), "sgd", maximize="yes")
+    opt = opdsl.Optimizer(model.parameters(), "sgd", compile=False)
+    model(torch.ones(1, 2)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["maximize"] = 1
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['maximize'\] must be True or False, got 1"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    (problem,) = problems(GOOD.replace("  beta: 0.9", "  beta: 0.9\n  maximize: false"))
+    assert problem.startswith("spec.yaml:6:3: `maximize` is an option of every optimizer")
+
+
 def test_missing_file_and_unknown_shipped_name():
     with pytest.raises(SpecError, match="no spec file or shipped spec named 'adamv'; did you mean 'adam"):
         opdsl.load_spec("adamv")

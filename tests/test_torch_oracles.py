@@ -57,6 +57,50 @@ def test_matches_torch(case):
     assert diff < TOL, f"{spec}: max relative parameter difference {diff:.3g} >= {TOL}"
 
 
+# (spec, kwargs for both, torch factory, compile): maximize=True climbing a reward (the negated loss)
+MAXIMIZE_CASES = [
+    ("adamw", {"weight_decay": 0.1}, torch.optim.AdamW, True),
+    ("adam", {"weight_decay": 1e-2, "amsgrad": True}, torch.optim.Adam, False),
+    ("sgd", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}, torch.optim.SGD, False),
+    ("adagrad", {"lr_decay": 1e-3, "weight_decay": 1e-3}, torch.optim.Adagrad, False),
+    ("rmsprop", {"lr": 1e-3, "centered": True, "momentum": 0.9}, torch.optim.RMSprop, False),
+    ("nadam", {"weight_decay": 1e-2}, torch.optim.NAdam, False),
+    ("adadelta", {"weight_decay": 1e-2}, torch.optim.Adadelta, False),
+    ("rprop", {"step_sizes": (1e-6, 0.05)}, torch.optim.Rprop, False),
+    ("asgd", {"t0": 20.0, "weight_decay": 1e-2}, torch.optim.ASGD, False),
+]
+
+
+@pytest.mark.parametrize("case", MAXIMIZE_CASES, ids=[c[0] for c in MAXIMIZE_CASES])
+def test_maximize_matches_torch(case):
+    """torch negates the gradient before anything else (L2 decay included); opdsl's graphs see -g."""
+    spec, kwargs, torch_cls, compiled = case
+    diff = run_side_by_side(
+        "mlp",
+        lambda m: opdsl.Optimizer(two_groups(m), spec, compile=compiled, maximize=True, **kwargs),
+        lambda m: torch_cls(two_groups(m), foreach=False, maximize=True, **kwargs),
+        reward=True,
+    )
+    assert diff < TOL, f"{spec}: max relative parameter difference {diff:.3g} >= {TOL}"
+
+
+def test_maximize_set_in_one_group_mid_run_follows_torch():
+    """A group option as in torch: one group switched to ascent after 30 steps (opdsl re-plans once)."""
+    ours_model = make_model("mlp")
+    ref_model = copy.deepcopy(ours_model)
+    ours = opdsl.Optimizer(two_groups(ours_model), "adamw", compile=False)
+    ref = torch.optim.AdamW(two_groups(ref_model), foreach=False)
+    for step in range(60):
+        for model, opt in ((ours_model, ours), (ref_model, ref)):
+            if step == 30:
+                opt.param_groups[1]["maximize"] = True
+            opt.zero_grad()
+            loss_of(model, "mlp", step).backward()
+            opt.step()
+    assert max_rel_diff(ours_model, ref_model) < TOL
+    assert ours.state_dict()["param_groups"][1]["maximize"] is True
+
+
 TOL_FLOAT64 = 1e-14
 # The specs written with `map` nodes, in float64, against torch in float64: (id, spec, model kind, kwargs for
 # both, torch factory, second-group overrides, {opdsl state key: torch state key} compared after the run).
