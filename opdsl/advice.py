@@ -83,7 +83,7 @@ class Advice:
             )
         self._once(("unread", graph, key), (
             f"param_groups[{gi}][{key!r}] changed, but graph {graph!r} of spec {self.spec.name!r}, which this group "
-            f"follows, does not read what changed, so the change has no effect (it reads: {read}).{hint} "
+            f"follows, does not read what changed, so the change has no effect (it reads: {read or 'nothing'}).{hint} "
             "This warning is shown once per graph and key."
         ))
 

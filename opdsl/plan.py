@@ -142,9 +142,10 @@ def conditions_of(spec: Spec, graph: str, env: Mapping[str, Any]) -> tuple[bool,
 
 
 def graph_reads(spec: Spec, graph: str) -> frozenset[tuple[str, int | None]]:
-    """What a graph reads of the hyperparameters, in any plan: ``lr`` (the step size of its output) and
-    what its nodes' fields and conditions name, as ``(name, index)`` (index None: the whole value)."""
-    reads = {("lr", None)}
+    """What a graph reads of the hyperparameters, in any plan: ``lr`` (the step size of its output, unless
+    the output is the next parameter value) and what its nodes' fields and conditions name, as
+    ``(name, index)`` (index None: the whole value)."""
+    reads = {("lr", None)} if spec.graphs[graph].output_is == "update" else set()
     for block in spec.graphs[graph].nodes.values():
         for _, value in block.expressions():
             reads |= value.reads

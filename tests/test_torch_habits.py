@@ -323,6 +323,31 @@ def test_a_scheduler_changing_a_value_the_graph_does_not_read_is_warned_once():
     assert unread and record[0].filename == __file__  # at the user's line, not inside opdsl or torch
 
 
+def test_a_learning_rate_a_graph_computing_the_next_parameter_does_not_read_is_warned_about():
+    """With `output_is: param` lr scales nothing: a scheduler over a graph that never reads $lr does nothing."""
+    spec = opdsl.load_spec("s.yaml", text="""\
+opdsl: 1
+name: halving
+hyper: {lr: 0.1, rate: 0.5}
+nodes:
+  new: {block: map, input: param, with: {g: grad}, expr: "x - $rate * g"}
+output: new
+output_is: param
+""")
+    p = nn.Parameter(torch.ones(3))
+    opt = opdsl.Optimizer([p], spec, compile=False)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            p.grad = torch.ones(3)
+            opt.step()
+            sched.step()
+    unread = [m for m in _opdsl_warnings(record) if "does not read" in m]
+    assert len(unread) == 1 and "param_groups[0]['lr']" in unread[0] and "(it reads: rate)" in unread[0]
+    assert torch.equal(p.detach(), torch.full((3,), 1 - 3 * 0.5))
+
+
 def test_a_scheduler_changing_what_the_graph_reads_is_not_warned():
     model = make_model("mlp")
     opt = opdsl.Optimizer(model.parameters(), "adamw", compile=False)  # reads betas[0]: cycled as intended
