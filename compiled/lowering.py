@@ -30,7 +30,7 @@ from opdsl.compiled.layout import Segment
 from opdsl.graph import Reference, execution_order, parse_ref
 from opdsl.spec import GraphSpec
 
-__all__ = ["NodeStep", "Program", "Source", "build_program", "build_step", "state_key", "due_key", "BucketArgs", "reads_source"]
+__all__ = ["NodeStep", "PlanError", "Program", "Source", "build_program", "build_step", "state_key", "due_key", "BucketArgs", "reads_source"]
 
 
 def state_key(node: str, name: str) -> str:
@@ -85,10 +85,21 @@ class Program:
         return any(s.block.scope() is Scope.SUBSET for s in self.steps)
 
 
+class PlanError(ValueError):
+    """A graph cannot run at some values: ``node`` reads the state of a node its ``if:`` switches off, or is
+    switched off with nothing to pass through."""
+
+    def __init__(self, message: str, node: str | None):
+        super().__init__(message)
+        self.node = node
+
+
 def build_program(graph_name: str, graph: GraphSpec, decide: Callable[[Any], bool]) -> Program:
     """Decide each node's build-time conditions with ``decide`` and resolve pass-throughs of disabled nodes."""
     alias: dict[str, Reference] = {}
     steps, disabled = [], []
+    # decided before any node is visited: a node may read the @prev of one that comes later in the order
+    off = {name for name, block in graph.nodes.items() if block.when is not None and not decide(block.when)}
 
     def resolve(ref: Reference) -> Reference:
         while not ref.prev and ref.node in alias:
@@ -98,17 +109,17 @@ def build_program(graph_name: str, graph: GraphSpec, decide: Callable[[Any], boo
     def source(ref: Reference, reader: str) -> Source:
         if not ref.prev:
             return Source(ref.node)
-        if ref.node in disabled:
-            raise ValueError(f"{reader!r} reads {ref}, but node {ref.node!r} is disabled by its `if:`")
+        if ref.node in off:
+            raise PlanError(f"{reader!r} reads {ref}, but node {ref.node!r} is disabled by its `if:`", reader)
         owner = graph.nodes[ref.node]
         return Source(state_key(ref.node, owner.PRIMARY_STATE), from_state=True, scalar=owner.prev_kind() is StateKind.SCALAR)
 
     for name in execution_order(graph):
         block = graph.nodes[name]
-        if block.when is not None and not decide(block.when):
+        if name in off:
             passed = block.otherwise or block.inputs().get("input")
             if passed is None:
-                raise ValueError(f"node {name!r} is disabled by its `if:` but has no `input` or `else` to pass through")
+                raise PlanError(f"node {name!r} is disabled by its `if:` but has no `input` or `else` to pass through", name)
             alias[name] = resolve(parse_ref(passed))
             disabled.append(name)
             continue

@@ -115,8 +115,11 @@ def check_graph(graph: GraphSpec) -> list[tuple[str, tuple]]:
     elif graph.output in graph.nodes:
         # the output and the nodes kept to be read from outside (a map with keep: true: ASGD's average)
         roots = {graph.output} | {n for n, block in graph.nodes.items() if block.read_from_outside()}
-        live = set().union(*(nx.ancestors(dag, root) | {root} for root in roots))
-        live |= {parse_ref(ref).node for n in list(live) if n in graph.nodes for ref in graph.nodes[n].inputs().values()}
+        live: set[str] = set()
+        while roots:  # what reaches a root, then what reaches a node whose state a live node reads as @prev
+            live |= set().union(*(nx.ancestors(dag, root) | {root} for root in roots))
+            read_prev = {parse_ref(ref).node for n in live if n in graph.nodes for ref in graph.nodes[n].inputs().values()}
+            roots = {n for n in read_prev if n in dag} - live  # an unknown name is reported on its own
         for name in names:
             if name not in live:
                 problems.append((f"node {name!r} never reaches the output {graph.output!r}; remove it or wire it in",

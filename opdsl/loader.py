@@ -17,7 +17,9 @@ from pydantic import ValidationError
 from opdsl.blocks import BLOCKS, Block, block_class
 from opdsl.errors import Location, Problem, SpecError
 from opdsl.expr import Expr, ExprSyntaxError
+from opdsl.compiled.lowering import PlanError, build_program
 from opdsl.graph import SOURCES, check_graph, parse_ref
+from opdsl.plan import decider
 from opdsl.scalars import evaluator_at
 from opdsl.spec import ENGINE_OPTIONS, MAIN_GRAPH, RESERVED_NAMES, SPEC_VERSION, GraphSpec, OUTPUT_KINDS, Requirement, Spec, lr_problem, requirement_problems
 from opdsl.yaml_loader import LocatedDocument, load_yaml_file, load_yaml_text
@@ -322,6 +324,18 @@ class _SpecBuilder:
                 if self._check_hyper_refs(spec, path + ("nodes", nname), nname, block):
                     for context, env in envs:
                         self._check_at(env, context, path + ("nodes", nname), nname, block)
+            if not self.problems:  # the graph is sound: the `if:` conditions decided at those values leave it runnable
+                self._check_plans(gname, graph, path, envs)
+
+    def _check_plans(self, gname: str, graph: GraphSpec, path: tuple, envs: list[tuple[str, Any]]) -> None:
+        """The graph as it runs at each of ``envs``: a node switched off there must not be read as ``@prev``
+        and must have something to pass through."""
+        for context, env in envs:
+            try:
+                build_program(gname, graph, decider({**env, "step": 1.0}))
+            except PlanError as err:
+                self.problem(path + ("nodes", err.node) if err.node else path, f"at {context}: {err}")
+                return
 
     def _check_requirement(self, spec: Spec, index: int, requirement: Requirement) -> None:
         """A `require:` entry reads known hyperparameters, not `step`, and holds at the defaults and at

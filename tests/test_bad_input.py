@@ -526,3 +526,46 @@ def test_output_is_param_sets_the_parameter_and_keeps_the_engines_guards():
     p.grad = torch.tensor([float("nan"), 1.0])
     opt.step()
     assert torch.equal(p.detach(), before) and opt.skipped_steps == 1
+
+
+def _reads_state_of_switched_off(reader_first: bool, on: str) -> str:
+    reader = '  a: {block: map, input: grad, with: {u: m@prev}, expr: "x + u"}\n'
+    switched = '  m: {block: ema, input: grad, beta: 0.9, if: "$on"}\n'
+    nodes = reader + switched if reader_first else switched + reader
+    return f"opdsl: 1\nname: t\nhyper: {{lr: 0.01, on: {on}}}\nnodes:\n{nodes}output: a\n"
+
+
+@pytest.mark.parametrize("reader_first", [True, False], ids=["reader-first", "reader-after"])
+def test_reading_the_state_of_a_node_switched_off_is_refused_wherever_the_reader_is_listed(reader_first):
+    """At the spec's own values at load, located at the reader; at a group's values when it is built (it
+    was a KeyError inside the step when the reader came first in the file)."""
+    (problem,) = problems(_reads_state_of_switched_off(reader_first, "false"))
+    line = 5 if reader_first else 6
+    assert problem == f"spec.yaml:{line}:6: at the spec's default hyperparameters: 'a' reads m@prev, but node 'm' is disabled by its `if:`"
+    spec = opdsl.load_spec("t.yaml", text=_reads_state_of_switched_off(reader_first, "true"))
+    with pytest.raises(ValueError, match="'a' reads m@prev, but node 'm' is disabled by its `if:`"):
+        opdsl.Optimizer([torch.nn.Parameter(torch.ones(2))], spec, on=False, compile=False)
+
+
+def test_a_node_that_feeds_only_a_state_read_as_prev_is_live_and_stepped():
+    """Lion's shape with a preprocessed momentum input: h reaches the update only through m@prev."""
+    spec = opdsl.load_spec("t.yaml", text=textwrap.dedent("""\
+        opdsl: 1
+        name: t
+        hyper: {lr: 0.5}
+        nodes:
+          c: {block: map, input: grad, with: {u: m@prev}, expr: "x + u"}
+          m: {block: ema, input: h, beta: 0.5}
+          h: {block: map, input: grad, expr: "2 * x"}
+        output: c
+        """))
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = opdsl.Optimizer([p], spec, compile=False)
+    want, m = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    for step in range(4):
+        g = torch.tensor([1.0, -3.0], dtype=torch.float64) * (step + 1)
+        p.grad = g.clone()
+        opt.step()
+        want -= 0.5 * (g + m)
+        m = 0.5 * m + 0.5 * (2 * g)
+    assert torch.equal(p.detach(), want)
