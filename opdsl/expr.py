@@ -139,9 +139,12 @@ def _where(condition: Any, a: Any, b: Any, dtype: torch.dtype | None = None) -> 
 
 
 def _num(value: Any, dtype: torch.dtype | None = None) -> Any:
-    """A comparison's bool tensor as 1 and 0 (torch adds two bool tensors as a logical or)."""
+    """A comparison as 1 and 0: a bool tensor (torch adds two as a logical or) or a Python bool (torch
+    refuses ``tensor - True``)."""
     if isinstance(value, Tensor) and value.dtype == torch.bool:
         return value.to(_number_type(value, dtype))
+    if isinstance(value, bool):
+        return float(value)
     return value
 
 

@@ -338,3 +338,14 @@ def test_remainder_by_the_number_zero_is_refused_like_division():
     with pytest.raises(ExprEvalError, match="by zero"):
         parse_expr("x % ($k - 2)", {"x"}).evaluate({"k": 2.0, **variables({"x": torch.ones(2)})})
 
+
+
+def test_a_comparison_of_numbers_counts_as_one_and_zero_beside_a_tensor():
+    """`$c > 0` alone is a Python bool (torch refuses `tensor - True`) or a 0-d bool tensor in the step."""
+    x = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    for c in (0.5, t64(0.5)):
+        env = {"c": c, "step": 3.0, **variables({"x": x})}
+        assert torch.equal(parse_expr("x - ($c > 0)", {"x"}).evaluate(env), x - 1)
+        assert torch.equal(parse_expr("($c > 1) - x + (not $c > 1)", {"x"}).evaluate(env), 1 - x)
+        assert torch.equal(parse_expr("x - (step > 2)", {"x"}).evaluate(env), x - 1)
+    assert value("(1 > 0) - (2 > 3)") == 1.0
