@@ -98,7 +98,31 @@ def test_maximize_set_in_one_group_mid_run_follows_torch():
             loss_of(model, "mlp", step).backward()
             opt.step()
     assert max_rel_diff(ours_model, ref_model) < TOL
-    assert ours.state_dict()["param_groups"][1]["maximize"] is True
+    saved = ours.state_dict()
+    assert saved["param_groups"][1]["maximize"] is True
+    del saved["param_groups"][1]["maximize"]  # a checkpoint from before the option: it descended, as torch reads it
+    ours.load_state_dict(saved)
+    assert ours.param_groups[1]["maximize"] is False and "maximize=True" not in ours.describe()
+    ours.param_groups[0]["maximize"] = True
+    assert "param_groups[0] graph=main: lr=" in ours.describe() and "maximize=True" in ours.describe()
+
+
+@pytest.mark.parametrize("spec, torch_cls", [("rprop", torch.optim.Rprop), ("adadelta", torch.optim.Adadelta)])
+def test_a_parameter_whose_first_gradient_comes_late_starts_as_in_torch(spec, torch_cls):
+    """torch creates a parameter's state at its first gradient: Rprop's step size starts at lr there, not at
+    the group's first step (its state starts at -1, a value no step leaves)."""
+    ours_model = make_model("mlp")
+    ref_model = copy.deepcopy(ours_model)
+    ours = opdsl.Optimizer(ours_model.parameters(), spec, compile=False)
+    ref = torch_cls(ref_model.parameters(), foreach=False)
+    for step in range(12):
+        for model, opt in ((ours_model, ours), (ref_model, ref)):
+            opt.zero_grad(set_to_none=True)
+            loss_of(model, "mlp", step).backward()
+            if step < 5:
+                model[0].weight.grad = None  # the first layer is unfrozen at step 5
+            opt.step()
+    assert max_rel_diff(ours_model, ref_model) < TOL
 
 
 TOL_FLOAT64 = 1e-14
