@@ -12,7 +12,7 @@ import torch
 
 from opdsl.blocks.base import Scope
 from opdsl.compiled.layout import FlatBuffers
-from opdsl.spec import Spec
+from opdsl.spec import ENGINE_OPTIONS, Spec
 
 __all__ = ["Advice", "GROUP_KEYS", "flattened_refusal", "moved_cause", "warn_user"]
 
@@ -88,12 +88,13 @@ class Advice:
         ))
 
     def mistyped_keys(self, gi: int, group: Mapping[str, Any]) -> None:
-        """A group key close to a hyperparameter's name is probably a typo that would be silently ignored."""
-        names = list(self.spec.hyper)
+        """A group key close to a hyperparameter's or an engine option's name is probably a typo that would
+        be silently ignored."""
+        names = [*self.spec.hyper, *ENGINE_OPTIONS]
         for key in group:
             if key in self.spec.hyper or key in GROUP_KEYS:
                 continue
-            close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+            close = difflib.get_close_matches(key.lower(), names, n=1, cutoff=0.8)
             if close:
                 self._once(("typo", key), (
                     f"param_groups[{gi}] has a key {key!r}, which spec {self.spec.name!r} does not read (did you "

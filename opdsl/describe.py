@@ -50,7 +50,7 @@ def describe_optimizer(opt: "Optimizer") -> str:
     line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
     out = [f"spec {opt.spec.name!r} (digest {opt.spec.digest}): {len(rows)} parameters, {total_params:,} values"]
     for gi, group in enumerate(opt.param_groups):
-        values = ", ".join(f"{k}={group[k]}" for k in opt._hyper_names)
+        values = opt._group_values(group)
         out.append(f"  param_groups[{gi}] graph={group['graph']}: {values}")
     disabled = {b.program.graph_name: b.program.disabled for b in opt._buckets if b.program.disabled}
     for graph, nodes in disabled.items():

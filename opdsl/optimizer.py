@@ -132,7 +132,7 @@ class Optimizer(torch.optim.Optimizer):
         if unknown:
             raise TypeError(
                 f"spec {self.spec.name!r} has no hyperparameter(s) {', '.join(unknown)}; "
-                f"valid: {', '.join(self._hyper_names)}"
+                f"valid: {', '.join(self._hyper_names)}; and the options compile, on_nonfinite, maximize"
             )
         defaults = {k: _normalize(k, v) for k, v in {**self.spec.hyper, **hyper}.items()}
         defaults["maximize"] = maximizes({"maximize": maximize}, "maximize")
@@ -664,6 +664,8 @@ class Optimizer(torch.optim.Optimizer):
             for key, value in saved.items():
                 if key not in ("params", "param_names", "graph", "spec"):
                     group[key] = value
+            if "maximize" not in saved:  # saved before the option existed, so it descended (torch does the same)
+                group["maximize"] = False
         saved_state = {id(by_index[i]): s for i, s in state_dict["state"].items() if i in by_index}
         self._refresh_state_views()  # what is loaded replaces any edit of self.state
         self._rebuild()
@@ -691,11 +693,15 @@ class Optimizer(torch.optim.Optimizer):
             f"cannot be loaded into an opdsl optimizer running spec {self.spec.name!r}"
         )
 
+    def _group_values(self, group: Mapping[str, Any]) -> str:
+        """A group's hyperparameters as ``name=value``, and ``maximize=True`` where it climbs."""
+        shown = [*self._hyper_names, "maximize"] if group.get("maximize") else self._hyper_names
+        return ", ".join(f"{k}={group[k]}" for k in shown)
+
     def __repr__(self) -> str:
         lines = [f"opdsl.Optimizer(spec={self.spec.name!r}, compile={bool(self._compile)}, groups={len(self.param_groups)})"]
         for gi, group in enumerate(self.param_groups):
-            shown = [*self._hyper_names, "maximize"] if group.get("maximize") else self._hyper_names
-            values = ", ".join(f"{k}={group[k]}" for k in shown)
+            values = self._group_values(group)
             lines.append(f"  [{gi}] graph={group['graph']} params={len(group['params'])} {values}")
         return "\n".join(lines)
 

@@ -368,6 +368,9 @@ def test_a_mistyped_group_key_is_warned_and_a_duplicate_parameter_named():
     opt.param_groups[0]["amsgrd"] = True  # mid-run, as a user edits a group
     with pytest.warns(UserWarning, match="'amsgrd'.*did you mean 'amsgrad'"):
         lockstep([(model, opt)], 1)
+    for spelling in ("maximise", "Maximize"):  # an engine option, not a spec hyperparameter
+        with pytest.warns(UserWarning, match=f"'{spelling}'.*did you mean 'maximize'"):
+            opdsl.Optimizer([{"params": [torch.nn.Parameter(torch.ones(2))], spelling: True}], compile=False)
     weight = model[0].weight
     with pytest.raises(ValueError, match="appears twice in one parameter group"):
         opdsl.Optimizer([weight, weight], compile=False)
