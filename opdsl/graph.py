@@ -104,6 +104,9 @@ def check_graph(graph: GraphSpec) -> list[tuple[str, tuple]]:
         hint = difflib.get_close_matches(graph.output, names, n=1)
         suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
         problems.append((f"output {graph.output!r} is not a node{suggestion} (nodes: {', '.join(names)})", ("output",)))
+    elif graph.output_is == "param" and _scalar_value(graph, parse_ref(graph.output)):
+        problems.append((f"output {graph.output!r} is one value per step, but with `output_is: param` the output is the "
+                         "parameters' next value, one per element: it would set every weight to that number", ("output",)))
     dag = build_digraph(graph)
     try:
         cycle = nx.find_cycle(dag)

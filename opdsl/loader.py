@@ -280,7 +280,8 @@ class _SpecBuilder:
     def _check(self, spec: Spec) -> None:
         if "lr" not in spec.hyper:
             if not self._hyper_failed("lr"):
-                self.problem(("hyper",), "hyper must define `lr` (the update is param <- param - lr * output)")
+                self.problem(("hyper",), "hyper must define `lr`: torch's schedulers and trainers read and set it "
+                             "(and a graph's update is param <- param - lr * output, unless it has `output_is: param`)")
         elif problem := lr_problem(spec.hyper["lr"]):
             self.problem(("hyper", "lr"), problem)
         for key in spec.hyper:

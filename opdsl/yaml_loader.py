@@ -60,9 +60,14 @@ def _location(file: str, mark: yaml.Mark) -> Location:
     return Location(file, mark.line + 1, mark.column + 1)
 
 
+#: What YAML (and PyYAML's marks) count as a line break.
+_LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
+
+
 def _offset_location(file: str, before: str) -> Location:
     """The location just after ``before``, the text of the file up to some point."""
-    return Location(file, before.count("\n") + 1, len(before) - before.rfind("\n"))
+    lines = _LINE_BREAK.split(before)
+    return Location(file, len(lines), len(lines[-1]) + 1)
 
 
 class _Refusal(Exception):
@@ -240,9 +245,10 @@ def _source_index(text: str, node: yaml.ScalarNode, offset: int) -> int | None:
     """
     source = text[node.start_mark.index : node.end_mark.index]
     if node.style in ("|", ">"):
-        start = source.find("\n") + 1
-        if start == 0:
+        header_end = _LINE_BREAK.search(source)
+        if header_end is None:
             return None
+        start = header_end.end()
     else:
         start = 1 if node.style in ("'", '"') else 0
     value = node.value

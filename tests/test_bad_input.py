@@ -456,11 +456,12 @@ LOCATED_EXPRESSIONS = {
 }
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"], ids=["LF", "CRLF", "CR"])
 @pytest.mark.parametrize("style", list(LOCATED_EXPRESSIONS))
-def test_an_expression_error_points_at_its_column_in_the_file(style):
+def test_an_expression_error_points_at_its_column_in_the_file(style, newline):
     text = "opdsl: 1\nname: t\nhyper: {lr: 0.1, beta: 0.9}\nnodes:\n" + LOCATED_EXPRESSIONS[style] + "output: m\n"
     with pytest.raises(SpecError) as info:
-        opdsl.load_spec("spec.yaml", text=text)
+        opdsl.load_spec("spec.yaml", text=text.replace("\n", newline))
     (problem,) = info.value.problems
     line = text.splitlines()[problem.location.line - 1]
     assert line[problem.location.col - 1 :].startswith("* 2"), (style, problem)
@@ -569,3 +570,9 @@ def test_a_node_that_feeds_only_a_state_read_as_prev_is_live_and_stepped():
         want -= 0.5 * (g + m)
         m = 0.5 * m + 0.5 * (2 * g)
     assert torch.equal(p.detach(), want)
+
+
+def test_output_is_param_refuses_an_output_of_one_value_per_step():
+    text = 'opdsl: 1\nname: t\nhyper: {lr: 0.1}\nnodes:\n  n: {block: map, scalar: true, expr: "0.2"}\noutput: n\noutput_is: param\n'
+    (problem,) = problems(text)
+    assert problem.startswith("spec.yaml:6:9: output 'n' is one value per step, but with `output_is: param`")
