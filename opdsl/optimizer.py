@@ -23,7 +23,7 @@ Semantics that differ from torch.optim, on purpose:
   the same way, as torch does, and counts them as zero gradients). A parameter that
   receives no gradient is then stepped with a zero gradient. ``zero_grad(set_to_none=True)`` restores
   torch's behaviour (a parameter whose ``.grad`` is None is left untouched, state included), at the cost
-  of one gather per step. A ``step()`` that finds no gradient written at all since the optimizer was
+  of one gather per step (and one more compiled step, the first time a gradient is missing). A ``step()`` that finds no gradient written at all since the optimizer was
   built or last zeroed them (no backward yet) steps nothing and warns once, as torch's step does when
   every ``.grad`` is None. A frozen parameter (``requires_grad=False``) is never given a view and is
   left untouched, as in torch.
@@ -165,6 +165,7 @@ class Optimizer(torch.optim.Optimizer):
         self._reads: list[frozenset[tuple[str, int | None]]] = []  # per group: what its graph reads
         self._key_counts: list[int] = []  # per group: len(group) when its keys were last looked at
         self._first_written = False  # grad2 specs: whether the closure's first call wrote a gradient
+        self._masking = False  # whether a step has found a parameter without a gradient (see step())
         self._building = False
 
     # ---- copy and pickle ------------------------------------------------------------------------------
@@ -472,6 +473,12 @@ class Optimizer(torch.optim.Optimizer):
             actives.append(mask.to(bucket.flat.device, non_blocking=True))
         if not any_grad:
             return loss
+        if self._masking or any(a is not None for a in actives):
+            # From the first missing gradient on, every bucket passes a mask (all True where none is missing):
+            # dynamo guards on which masks are None, so mixing would compile a graph per combination of
+            # buckets missing a gradient, past the recompile limit (a hard error under fullgraph).
+            self._masking = True
+            actives = [b.all_active if a is None else a for a, b in zip(actives, self._buckets)]
         if not (self._first_written if self._needs_grad2 else any(b.flat.written() for b in self._buckets)):
             self._advice.no_gradient()
             return loss
