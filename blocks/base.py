@@ -12,7 +12,7 @@ e.g. ``$betas[1]`` or ``1 - $momentum``; :meth:`BlockContext.value` turns them i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping
 
@@ -79,7 +79,9 @@ class StateSpec:
 
     kind: StateKind
     init: float = 0.0
-    shape: Callable[[torch.Size], tuple[int, ...]] | None = None
+    # Not compared: it is a closure over the block's fields, made anew by each state_specs() call, and
+    # plans (whose equality reuses a compiled step) compare the blocks themselves.
+    shape: Callable[[torch.Size], tuple[int, ...]] | None = field(default=None, compare=False)
     dtype: torch.dtype | None = None
 
 

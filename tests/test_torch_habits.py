@@ -210,6 +210,40 @@ def test_replanning_keeps_parameters_in_place_and_reloading_does_not_recompile()
     assert weight.data_ptr() == address and torch.equal(alias, weight)  # the alias still sees every update
 
 
+@pytest.mark.parametrize("spec", ["adagrad-sn", "adamw-sm", "scsadamw", "muon"])
+def test_a_plan_built_twice_at_the_same_values_is_equal_so_its_compiled_step_is_reused(spec):
+    """Plans are the compiled steps' cache key: per-tensor state shapes (closures made anew) must not make
+    two equal plans differ, or each rollback to a checkpoint compiles the step again."""
+    from opdsl.compiled.lowering import build_program
+    from opdsl.plan import decider, float_env
+
+    loaded = opdsl.load_spec(spec)
+    for graph in loaded.graphs:
+        env = float_env(loaded.hyper, list(loaded.hyper))
+        assert build_program(graph, loaded.graphs[graph], decider(env)) == build_program(graph, loaded.graphs[graph], decider(env))
+
+
+def test_gradients_missing_in_changing_buckets_compile_one_more_step_not_one_per_combination():
+    """With zero_grad(set_to_none=True) the parameters without a gradient change from step to step (unused
+    experts); each bucket passing a mask or not would be a graph per combination, past dynamo's limit."""
+    ours = [nn.Parameter(torch.randn(4, 3, dtype=dtype)) for dtype in (torch.float32, torch.float64) for _ in range(2)]
+    refs = [nn.Parameter(p.detach().clone()) for p in ours]  # two dtypes: two buckets
+    opt = opdsl.Optimizer(ours, "sgd", lr=0.1, momentum=0.9)  # no step count: equal to torch's per-parameter state
+    ref = torch.optim.SGD(refs, lr=0.1, momentum=0.9, foreach=False)
+    missing_by_step = [(), (0,), (2,), (0, 3), (), (1, 2), (3,)]
+    for step, missing in enumerate(missing_by_step):
+        for params, o in ((ours, opt), (refs, ref)):
+            o.zero_grad(set_to_none=True)
+            for k, p in enumerate(params):
+                if k not in missing:
+                    p.grad = torch.full_like(p, 0.1 * (k + 1) * (-1) ** step)
+            o.step()
+        if step == 0:
+            graphs = _graphs()
+    assert _graphs() == graphs + 1
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(ours, refs))
+
+
 def test_step_inside_a_compiled_training_step_does_not_recompile_on_a_schedule():
     """Dynamo does not trace the step's host-side bookkeeping (it would guard on each new lr value)."""
     model = make_model("mlp")
