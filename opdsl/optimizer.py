@@ -23,9 +23,9 @@ Semantics that differ from torch.optim, on purpose:
   the same way, as torch does, and counts them as zero gradients). A parameter that
   receives no gradient is then stepped with a zero gradient. ``zero_grad(set_to_none=True)`` restores
   torch's behaviour (a parameter whose ``.grad`` is None is left untouched, state included), at the cost
-  of one gather per step (and one more compiled step, the first time a gradient is missing). A ``step()`` that finds no gradient written at all since the optimizer was
-  built or last zeroed them (no backward yet) steps nothing and warns once, as torch's step does when
-  every ``.grad`` is None. A frozen parameter (``requires_grad=False``) is never given a view and is
+  of one gather per step (and one more compiled step, the first time a gradient is missing). A
+  ``step()`` that finds no gradient written at all since the optimizer was built or last zeroed them
+  (no backward yet) steps nothing and warns once, as torch's step does when every ``.grad`` is None. A frozen parameter (``requires_grad=False``) is never given a view and is
   left untouched, as in torch.
 - The step count is one per parameter group and device, not per parameter: a parameter that receives
   its first gradient at step 10 is bias-corrected as at step 10 (torch counts 1).
