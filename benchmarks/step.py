@@ -95,6 +95,13 @@ ALGOS: dict[str, Algo] = {
     "rmsprop": Algo(
         "rmsprop", "RMSprop", dict(alpha=0.99), 1, (), bytes_doc="read p,g,sq; write p,sq",
     ),
+    # torch has foreach steps (no fused ones) for the specs written with `map`
+    "adamax": Algo("adamax", "Adamax", dict(), 2, bytes_doc="read p,g,m,u; write p,m,u"),
+    "nadam": Algo("nadam", "NAdam", dict(), 2, bytes_doc="read p,g,m,v; write p,m,v"),
+    "radam": Algo("radam", "RAdam", dict(), 2, bytes_doc="read p,g,m,v; write p,m,v"),
+    "adadelta": Algo("adadelta", "Adadelta", dict(), 2, bytes_doc="read p,g,square_avg,acc_delta; write p and both"),
+    "rprop": Algo("rprop", "Rprop", dict(), 2, bytes_doc="read p,g,prev,step_size; write p,prev,step_size"),
+    "asgd": Algo("asgd", "ASGD", dict(), 1, bytes_doc="read p,g,ax; write p,ax"),
     "muon": Algo(
         "muon", "Muon", dict(momentum=0.95, nesterov=True, weight_decay=0.1), 1, (), foreach=False, only_2d=True,
         bytes_doc="2-D params only; read p,g,buf; write p,buf (+ Newton-Schulz matmuls, compute-bound)",
