@@ -26,11 +26,13 @@ a dependency of opdsl; ``pip install heavyball`` to include it).
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import datetime
 import math
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -649,7 +651,9 @@ class Measured:
 def measure(args: argparse.Namespace, specs: list[str]) -> Measured:
     """Every workload of every spec in this process, after torch.compile's start-up."""
     if not args.warm_cache and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="opdsl_bench_inductor_")
+        cache = tempfile.mkdtemp(prefix="opdsl_bench_inductor_")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)  # about 10 MB per spec process otherwise left behind
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
