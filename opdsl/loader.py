@@ -15,9 +15,9 @@ from typing import Any, ClassVar, Iterable, Sequence
 from pydantic import ValidationError
 
 from opdsl.blocks import BLOCKS, Block, block_class
+from opdsl.compiled.lowering import PlanError, build_program
 from opdsl.errors import Location, Problem, SpecError
 from opdsl.expr import Expr, ExprSyntaxError
-from opdsl.compiled.lowering import PlanError, build_program
 from opdsl.graph import SOURCES, check_graph, parse_ref
 from opdsl.plan import decider
 from opdsl.scalars import evaluator_at

@@ -25,8 +25,8 @@ Semantics that differ from torch.optim, on purpose:
   torch's behaviour (a parameter whose ``.grad`` is None is left untouched, state included), at the cost
   of one gather per step (and one more compiled step, the first time a gradient is missing). A
   ``step()`` that finds no gradient written at all since the optimizer was built or last zeroed them
-  (no backward yet) steps nothing and warns once, as torch's step does when every ``.grad`` is None. A frozen parameter (``requires_grad=False``) is never given a view and is
-  left untouched, as in torch.
+  (no backward yet) steps nothing and warns once, as torch's step does when every ``.grad`` is None.
+  A frozen parameter (``requires_grad=False``) is never given a view and is left untouched, as in torch.
 - The step count is one per parameter group and device, not per parameter: a parameter that receives
   its first gradient at step 10 is bias-corrected as at step 10 (torch counts 1).
 - ``on_nonfinite="skip"`` (default): if any gradient holds inf or NaN the whole step is skipped on the

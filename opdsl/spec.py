@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import numbers
-from typing import Annotated, Any, Literal, Mapping, Sequence, Union
+from typing import Annotated, Any, Literal, Mapping, Sequence, Union, get_args
 
 import torch
 from pydantic import (
@@ -182,7 +182,8 @@ class Route(_Model):
 
 #: What a graph's output is: ``update`` (the default), param <- param - lr * output; ``param``, the parameter's
 #: next value, param <- output (a method whose step size is its own state: Rprop's, ASGD's eta).
-OUTPUT_KINDS = ("update", "param")
+OutputKind = Literal["update", "param"]
+OUTPUT_KINDS: tuple[str, ...] = get_args(OutputKind)
 OUTPUT_IS_DESCRIPTION = (
     "what the output is: `update` (param <- param - lr * output) or `param` (param <- output, the next "
     "value, which the graph computes itself; lr is then only what it reads as $lr)"
@@ -192,7 +193,7 @@ OUTPUT_IS_DESCRIPTION = (
 class GraphSpec(_Model):
     nodes: dict[str, SerializeAsAny[Block]]
     output: str
-    output_is: Literal["update", "param"] = Field("update", description=OUTPUT_IS_DESCRIPTION)
+    output_is: OutputKind = Field("update", description=OUTPUT_IS_DESCRIPTION)
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> Any:
