@@ -165,7 +165,7 @@ class _Run:
 StepFn = Callable[..., Any]
 
 
-def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
+def build_step(buckets: Sequence[BucketArgs], check_finite: bool, write_shared: bool = True) -> StepFn:
     """The whole optimizer step as one function of tensors (all static structure is closed over).
 
     Arguments of the returned function: ``params, grads, states, steps, envs, actives, extras`` (lists
@@ -173,6 +173,9 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
     ``extras[i]`` maps extra sources (``grad2``) to flat tensors; ``skipped`` (with ``check_finite``) a 0-d
     integer counter, incremented in the step when it is skipped (no separate kernel launches after it).
     Returns a 0-d bool tensor: whether the step was applied.
+
+    ``write_shared=False`` leaves the step counts and SCALAR states as they are, for a caller that steps a
+    bucket in pieces (:mod:`opdsl.compiled.chunking`): every piece must read them as they were before the step.
     """
     by_graph: dict[str, list[int]] = {}
     for i, b in enumerate(buckets):
@@ -227,7 +230,11 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool) -> StepFn:
             keep = _keep_mask(ok, actives[i], run.ctx)
             _write(params[i], new_param, keep)
             for key, new in run.new_state.items():
-                _write_state(states[i][key], new, keep, ok, actives[i], b.program.state_specs[key].kind, run.ctx)
+                kind = b.program.state_specs[key].kind
+                if write_shared or kind is not StateKind.SCALAR:
+                    _write_state(states[i][key], new, keep, ok, actives[i], kind, run.ctx)
+            if not write_shared:
+                continue
             advanced = run.ctx.step if ok is None else torch.where(ok, run.ctx.step, steps[i].reshape(()))
             steps[i].copy_(advanced.reshape(steps[i].shape))
         if ok_home is None:

@@ -72,6 +72,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from opdsl.advice import Advice, flattened_refusal, moved_cause, warn_user
+from opdsl.compiled.chunking import build_eager_step
 from opdsl.compiled.fusion import fuse
 from opdsl.compiled.lowering import build_step, due_key, reads_source
 from opdsl.errors import BindError, StateDictError
@@ -107,7 +108,8 @@ class Optimizer(torch.optim.Optimizer):
         params: parameters, ``named_parameters()`` (names enable routing by name), or param-group dicts.
         spec: a shipped spec name (``"adamw"``), a path to a YAML file, or a loaded :class:`Spec`.
         compile: ``True`` (default) runs the step under torch.compile; ``False`` runs the same function
-            eagerly; a dict passes options to torch.compile.
+            eagerly (on a CPU, graphs without reductions over cache-sized chunks of each bucket, with the
+            same numbers); a dict passes options to torch.compile.
         on_nonfinite: ``"skip"`` (default), ``"error"`` or ``"propagate"`` (see the module docs).
         maximize: step along the gradient instead of against it, as torch.optim's ``maximize``: every
             block sees the negated gradient. A group option like the hyperparameters (a group dict may set
@@ -429,7 +431,8 @@ class Optimizer(torch.optim.Optimizer):
             if key not in self._step_fns:
                 if len(self._step_fns) >= _KEPT_STEPS:
                     del self._step_fns[next(iter(self._step_fns))]
-                fn = build_step(list(key[0]), check_finite=key[1])
+                build = build_step if self._compile else build_eager_step  # eager on a CPU: chunk by chunk
+                fn = build(list(key[0]), check_finite=key[1])
                 self._step_fns[key] = fuse(fn, self._compile)
             self._step_fn = self._step_fns[key]
         return self._step_fn

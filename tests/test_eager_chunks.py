@@ -1,0 +1,116 @@
+"""The eager step on a CPU runs elementwise graphs chunk by chunk (``compiled/chunking.py``).
+
+The oracle is the same eager step run over whole buckets, which the other test files prove against
+torch.optim and float64 references: chunked, every parameter, state, step count and skip count must be
+bit-for-bit the same, through missing gradients, a skipped non-finite step, an ascending group,
+a second parameter dtype sharing the group's step count, and optimizers whose graph writes the parameter
+(``output_is: param``) or keeps one-value states.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import opdsl
+from opdsl.compiled import chunking
+from opdsl.compiled.layout import plan_segments
+from opdsl.compiled.lowering import BucketArgs, build_program, build_step
+from opdsl.plan import float_env
+from opdsl.scalars import evaluator_at
+
+from conftest import make_model
+
+# a chunk of 64 elements per thread cuts the test model's buckets into dozens of chunks, most of them
+# across parameter edges, and its largest matrix into several
+SMALL_CHUNK = 64
+SPECS = ["adamw", "nadam", "radam", "asgd", "rprop", "adadelta", "lion", "sgd", "qhadamw"]
+
+
+def _trained(spec: str, chunk: int, steps: int = 12) -> tuple[list[torch.Tensor], dict, int]:
+    """A transformer's parameters stepped eagerly at ``chunk`` elements per thread, on seeded gradients.
+
+    Its vectors are float64, two of them in the matrices' group (two buckets of different dtypes sharing one
+    step count), the rest in a group that ascends. Some steps miss gradients; one has a NaN."""
+    model = make_model("transformer")
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    for p in vectors:
+        p.data = p.data.double()
+    groups = [
+        {"params": [p for p in model.parameters() if p.ndim >= 2] + vectors[:2]},
+        {"params": vectors[2:], "maximize": True, "lr": 3e-3},
+    ]
+    before = chunking.CHUNK_NUMEL_PER_THREAD
+    chunking.CHUNK_NUMEL_PER_THREAD = chunk
+    try:
+        opt = opdsl.Optimizer(groups, spec=spec, lr=1e-2, compile=False)
+        params = list(model.parameters())
+        for step in range(steps):
+            opt.zero_grad(set_to_none=True)
+            for k, p in enumerate(params):
+                if not (step in (2, 7) and k % 3 == 1) and not (step < 4 and k == 0):
+                    p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step * 100 + k), dtype=p.dtype)
+            if step == 5:
+                params[-2].grad.view(-1)[3] = float("nan")
+            opt.step()
+    finally:
+        chunking.CHUNK_NUMEL_PER_THREAD = before
+    return [p.detach().clone() for p in params], opt.state_dict(), opt.skipped_steps
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_chunked_eager_step_equals_the_whole_bucket_step(spec: str, one_thread) -> None:
+    whole_params, whole_state, whole_skipped = _trained(spec, chunk=1 << 30)
+    params, state, skipped = _trained(spec, chunk=SMALL_CHUNK)
+    assert whole_skipped == skipped == 1
+    for a, b in zip(whole_params, params):
+        assert torch.equal(a, b)
+    assert whole_state["state"].keys() == state["state"].keys()
+    for key, values in whole_state["state"].items():
+        assert values.keys() == state["state"][key].keys()
+        for name, value in values.items():
+            assert torch.equal(value, state["state"][key][name]), (spec, key, name)
+    assert all(p.isfinite().all() for p in params)
+
+
+def _args(spec_name: str, shapes: list[tuple[int, ...]]) -> BucketArgs:
+    spec = opdsl.load_spec(spec_name)
+    graph = spec.graphs["main"]
+    env = float_env({**spec.hyper, "lr": 1e-3}, list(spec.hyper) + ["lr"])
+    program = build_program("main", graph, evaluator_at(env))
+    segments = plan_segments([torch.Size(s) for s in shapes])
+    return BucketArgs(program, segments, segments[-1].end, 0, tuple(range(len(shapes))))
+
+
+def test_chunks_cover_every_element_once_and_know_their_parameters() -> None:
+    shapes = [(100, 3), (5,), (7, 7), (1,), (200,)]
+    args = _args("adamw", shapes)
+    chunks = chunking.plan_chunks(args, 64)
+    assert [c.start for c in chunks] == list(range(0, args.numel, 64))
+    assert chunks[-1].end == args.numel
+    for c in chunks:
+        assert sum(seg.numel for seg in c.args.segments) == c.args.numel == c.end - c.start
+        held = [k for k, s in enumerate(args.segments) if s.offset < c.end and s.end > c.start]
+        assert (c.first, c.last) == (held[0], held[-1] + 1)
+        assert c.args.positions == tuple(held)
+
+
+def test_graphs_with_reductions_run_whole() -> None:
+    assert chunking.chunkable(_args("adamw", [(4, 4)]).program)
+    for name in ("lamb", "scsadamw", "adamw-sn", "coba"):
+        assert not chunking.chunkable(_args(name, [(4, 4)]).program)
+
+
+def test_buckets_within_one_chunk_take_the_whole_bucket_step() -> None:
+    args = [_args("adamw", [(8, 8), (8,)])]
+    assert chunking.build_eager_step(args, True, size=1000).__qualname__ == build_step(args, True).__qualname__
+    assert chunking.build_eager_step(args, True, size=16).__qualname__ != build_step(args, True).__qualname__
+
+
+def test_finiteness_verdict_reads_every_gradient_and_ignores_empty_ones() -> None:
+    x = torch.randn(1000)
+    assert chunking._all_finite([x, torch.empty(0)], x.device)
+    assert chunking._all_finite([], x.device)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[517] = bad
+        assert not chunking._all_finite([x, y], x.device)
