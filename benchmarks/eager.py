@@ -1,0 +1,94 @@
+"""The eager step (``compile=False``) on a CPU: chunk by chunk, over whole buckets, and torch's foreach step.
+
+    python benchmarks/eager.py                               # 10M parameters in 101 tensors, 1 thread
+    python benchmarks/eager.py --size 1e6 --threads 2 --specs adamw sgd
+
+opdsl's eager step runs graphs without reductions over cache-sized chunks of each bucket
+(``opdsl/compiled/chunking.py``); "whole buckets" is the same step with chunking off, as it ran before.
+All contenders step the same parameter list with the same gradients, interleaved (order rotated every
+round); the table gives medians and the ratios between them.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+import harness as H
+import opdsl
+from opdsl.compiled import chunking
+
+# spec -> (hyperparameters given to both, torch's optimizer); torch's runs its foreach step
+RIVALS: dict[str, tuple[dict[str, Any], type[torch.optim.Optimizer]]] = {
+    "adamw": ({"lr": 1e-3, "weight_decay": 1e-2}, torch.optim.AdamW),
+    "adam": ({"lr": 1e-3}, torch.optim.Adam),
+    "adamax": ({"lr": 2e-3}, torch.optim.Adamax),
+    "nadam": ({"lr": 2e-3}, torch.optim.NAdam),
+    "sgd": ({"lr": 1e-2, "momentum": 0.9}, torch.optim.SGD),
+    "rmsprop": ({"lr": 1e-2}, torch.optim.RMSprop),
+}
+
+
+def opdsl_eager(spec: str, chunk: int, **options: Any) -> Callable[[list[torch.nn.Parameter]], Any]:
+    """An eager opdsl optimizer whose step is built with ``chunk`` elements per thread (huge: whole buckets)."""
+    def make(params: list[torch.nn.Parameter]) -> Any:
+        opt = opdsl.Optimizer(params, spec, compile=False, **options)
+        before = chunking.CHUNK_NUMEL_PER_THREAD
+        chunking.CHUNK_NUMEL_PER_THREAD = chunk
+        try:
+            opt.step()  # builds the step at this chunk size
+        finally:
+            chunking.CHUNK_NUMEL_PER_THREAD = before
+        return opt
+
+    return make
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--specs", nargs="+", default=["adamw", "adamax", "nadam", "sgd"], choices=sorted(RIVALS))
+    parser.add_argument("--size", type=float, default=1e7, help="parameters, in 101 tensors (harness.sized_shapes)")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = [shape for _, shape in H.sized_shapes(args.size, 101)]
+    print(f"{H.machine_line('cpu')}\n{sum(map(lambda s: torch.Size(s).numel(), shapes)) / 1e6:.2f}M parameters "
+          f"in {len(shapes)} tensors, float32; median of {args.rounds} interleaved rounds, ms\n")
+    print("| spec | chunked | chunked, no check | whole buckets | torch foreach | whole / chunked | chunked / torch |")
+    print("|---|---|---|---|---|---|---|")
+    for spec in args.specs:
+        hyper, rival = RIVALS[spec]
+        makers = {
+            "chunked": opdsl_eager(spec, chunking.CHUNK_NUMEL_PER_THREAD, **hyper),
+            "chunked, no check": opdsl_eager(spec, chunking.CHUNK_NUMEL_PER_THREAD, on_nonfinite="propagate", **hyper),
+            "whole buckets": opdsl_eager(spec, 1 << 62, **hyper),
+            "torch foreach": lambda params: rival(params, foreach=True, **hyper),
+        }
+        optimizers = {}
+        for name, make in makers.items():
+            gen = torch.Generator().manual_seed(0)
+            params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            optimizers[name] = make(params)
+        times: dict[str, list[float]] = {name: [] for name in optimizers}
+        names = list(optimizers)
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                start = time.perf_counter()
+                optimizers[name].step()
+                times[name].append(time.perf_counter() - start)
+        ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        print(f"| {spec} | {ms['chunked']:.1f} | {ms['chunked, no check']:.1f} | {ms['whole buckets']:.1f} | "
+              f"{ms['torch foreach']:.1f} | {ms['whole buckets'] / ms['chunked']:.2f} | "
+              f"{ms['chunked'] / ms['torch foreach']:.2f} |")
+        del optimizers
+        H.release_memory(torch.device("cpu"))
+
+
+if __name__ == "__main__":
+    main()
