@@ -29,7 +29,9 @@ import torch
 from pydantic import Field, FiniteFloat, PlainSerializer, StrictBool, WithJsonSchema, field_validator
 
 from opdsl.blocks.base import Block, Ref, Scope, StateKind, StateSpec
-from opdsl.expr import DTYPE, EXPRESSION_WORDS, HOIST, NAME, PER_TENSOR, PER_TENSOR_FUNCTIONS, Expr, parse_expr, variables
+from opdsl.expr import (
+    DTYPE, EXPRESSION_WORDS, HOIST, NAME, PER_TENSOR, PER_TENSOR_FUNCTIONS, Expr, ExprSyntaxError, parse_expr, variables,
+)
 
 _INPUT = "x"
 # the fields' own names too: `opdsl show` prints `with` entries beside the fields
@@ -86,7 +88,12 @@ class Map(Block):
             names = {_INPUT, *info.data["with_"]}
         else:  # `with` failed and is reported: read any name as an input rather than report it again
             names = set(NAME.findall(value)) - EXPRESSION_WORDS
-        expr = parse_expr(value, names)  # a syntax error names its column
+        try:
+            expr = parse_expr(value, names)  # a syntax error names its column
+        except ExprSyntaxError:
+            if info.data.get("input", _INPUT) is None:  # the same error, not offering x to a node without `input:`
+                parse_expr(value, names - {_INPUT})
+            raise
         read = expr.read_variables
         if "with_" in info.data and "input" in info.data and (_INPUT in read) != (info.data["input"] is not None):
             raise ValueError("the expression reads x, the node's `input:`, which is not set" if _INPUT in read else

@@ -134,6 +134,22 @@ def test_map_mistakes_are_located(node, line, fragment):
     assert len(found) == 1 and found[0].startswith(f"spec.yaml:{line}:") and fragment in found[0], found
 
 
+@pytest.mark.parametrize(
+    ("node", "offered"),
+    [
+        ('input: grad, with: {k: param}, expr: "x * k * y"', "; inputs: k, x"),
+        ('with: {k: param}, expr: "k * y"', "; inputs: k"),  # no `input:`: no x to offer
+        ('scalar: true, expr: "$beta ** step + y"', ", sqrt, where"),  # nothing to offer: no tensor_* either
+    ],
+)
+def test_unknown_names_list_only_what_the_node_offers(node, offered):
+    text = MAP_NODE.replace("NODE", node)
+    with pytest.raises(SpecError) as info:
+        opdsl.load_spec("spec.yaml", text=text)
+    (problem,) = [str(p) for p in info.value.problems]
+    assert "unknown name 'y'" in problem and problem.endswith(offered), problem
+
+
 def _one_step(expr: str, with_: str = "{p: param}", dtype=torch.float64, compiled: bool = False) -> list[float]:
     spec = opdsl.load_spec("e.yaml", text=_node(f"with: {with_}, expr: \"{expr}\""))
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0, -4.0], dtype=dtype))
