@@ -4,7 +4,7 @@ Package-free (torch and the standard library only). Used by ``benchmarks/step.py
 can be used alone:
 
 * :func:`measure_inplace_bandwidth` - the in-place streaming bandwidth that defines the floor.
-* :func:`gpt2_small_shapes`, :func:`sized_shapes` - parameter lists to step on.
+* :func:`gpt2_small_shapes`, :func:`sized_shapes`, :func:`resnet50_shapes` - parameter lists to step on.
 * :class:`Contender` / :class:`Stepper` - a named way of building a step over a parameter list.
 * :func:`run_workload` - builds every contender on its own copy of the parameters, measures the
   first call (compile), interleaves the timed steps (A B C A B C ..., order rotated every round),
@@ -177,6 +177,26 @@ def gpt2_small_shapes(scale: float = 1.0, n_layer: int = 12) -> list[tuple[str, 
         ]
     shapes += [("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
     return shapes
+
+
+def resnet50_shapes() -> list[tuple[str, Shape]]:
+    """ResNet-50's parameter list (torchvision layout): 161 tensors of 28 distinct shapes, 25.6M parameters.
+
+    The many-shapes case: convolution kernels of every stage, batch-norm gains and biases of six widths.
+    Specs with per-tensor or per-subset work compile one bucket per shape.
+    """
+    shapes: list[tuple[str, Shape]] = [("conv1.weight", (64, 3, 7, 7)), ("bn1.weight", (64,)), ("bn1.bias", (64,))]
+    inplanes = 64
+    for stage, (planes, blocks) in enumerate([(64, 3), (128, 4), (256, 6), (512, 3)], start=1):
+        for b in range(blocks):
+            n = f"layer{stage}.{b}."
+            for k, (out, cin, kernel) in enumerate([(planes, inplanes, 1), (planes, planes, 3), (4 * planes, planes, 1)], 1):
+                shapes += [(f"{n}conv{k}.weight", (out, cin, kernel, kernel)), (f"{n}bn{k}.weight", (out,)), (f"{n}bn{k}.bias", (out,))]
+            if b == 0:
+                shapes += [(f"{n}downsample.0.weight", (4 * planes, inplanes, 1, 1)),
+                           (f"{n}downsample.1.weight", (4 * planes,)), (f"{n}downsample.1.bias", (4 * planes,))]
+            inplanes = 4 * planes
+    return shapes + [("fc.weight", (1000, 2048)), ("fc.bias", (1000,))]
 
 
 def sized_shapes(total_numel: float, n_tensors: int = 100) -> list[tuple[str, Shape]]:

@@ -583,6 +583,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n-tensors", type=int, default=101, help="tensors in each sized workload (default 101)")
     ap.add_argument("--gpt2-scale", type=float, default=None,
                     help="GPT-2 small width scale; 1.0 = 124M, 0 = skip (default 0.25; --full: 1.0)")
+    ap.add_argument("--resnet50", action="store_true",
+                    help="add ResNet-50's parameter list (161 tensors of 28 shapes, 25.6M): compile time with many shapes")
     ap.add_argument("--full", action="store_true",
                     help="every shipped spec (specs/*.yaml), sizes 1e6 1e7 1e8 (1e9 too on a GPU), full GPT-2, "
                     "compiled rivals everywhere: long (an hour or more on 2 CPU cores)")
@@ -666,6 +668,8 @@ def measure(args: argparse.Namespace, specs: list[str]) -> Measured:
     if args.gpt2_scale > 0:
         label = "GPT-2 small" if args.gpt2_scale == 1.0 else f"GPT-2 small x{args.gpt2_scale:g} width"
         workloads.append((label, H.gpt2_small_shapes(args.gpt2_scale)))
+    if args.resnet50:
+        workloads.append(("ResNet-50", H.resnet50_shapes()))
 
     opdsl_reason = None if not args.no_opdsl else "--no-opdsl"
     if opdsl_reason is None:

@@ -84,3 +84,11 @@ def test_a_torch_only_name_gets_no_opdsl_rows():
     assert verdict.problems == ["no compiled opdsl row"] and verdict.target is None
     row = targets.summary_table([verdict]).splitlines()[-1]
     assert row.startswith("| sgd_nesterov | sized 1e1 | - |") and "MISSED: no compiled opdsl row" in row
+
+
+def test_resnet50_workload_is_torchvisions_parameter_list():
+    """161 tensors of 28 shapes, as torchvision's resnet50() (25,557,032 parameters)."""
+    shapes = harness.resnet50_shapes()
+    assert len(shapes) == 161 and len({s for _, s in shapes}) == 28
+    assert harness.numel_of(shapes) == 25_557_032
+    assert len({name for name, _ in shapes}) == 161
