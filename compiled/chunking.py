@@ -63,6 +63,8 @@ class Chunk:
 def plan_chunks(args: BucketArgs, size: int) -> tuple[Chunk, ...]:
     """The bucket cut every ``size`` elements. A chunk's segments are the parts of the parameters it holds,
     flat: elementwise blocks look at no shape, and the missing-gradient mask is broadcast over the parts."""
+    if args.numel == 0:  # empty parameters only: one empty chunk
+        return (Chunk(0, 0, 0, len(args.segments), args),)
     chunks, first = [], 0
     for start in range(0, args.numel, size):
         end = min(start + size, args.numel)

@@ -114,3 +114,25 @@ def test_finiteness_verdict_reads_every_gradient_and_ignores_empty_ones() -> Non
         y = x.clone()
         y[517] = bad
         assert not chunking._all_finite([x, y], x.device)
+
+
+def test_empty_parameters_beside_chunked_buckets(one_thread) -> None:
+    """A bucket of empty parameters only (its own dtype) is one empty chunk; the others still chunk."""
+    def trained(chunk: int) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        floats = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((300,), (0, 4), (70,))]
+        doubles = [torch.nn.Parameter(torch.zeros(0, dtype=torch.float64))]
+        before = chunking.CHUNK_NUMEL_PER_THREAD
+        chunking.CHUNK_NUMEL_PER_THREAD = chunk
+        try:
+            opt = opdsl.Optimizer([{"params": floats}, {"params": doubles}], spec="adamw", compile=False)
+            for _ in range(3):
+                for p in floats + doubles:
+                    p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+                opt.step()
+        finally:
+            chunking.CHUNK_NUMEL_PER_THREAD = before
+        assert int(opt.state_dict()["state"][3]["step"]) == 3
+        return [p.detach().clone() for p in floats]
+
+    assert all(torch.equal(a, b) for a, b in zip(trained(1 << 30), trained(SMALL_CHUNK)))
