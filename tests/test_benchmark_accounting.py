@@ -86,6 +86,21 @@ def test_a_torch_only_name_gets_no_opdsl_rows():
     assert row.startswith("| sgd_nesterov | sized 1e1 | - |") and "MISSED: no compiled opdsl row" in row
 
 
+@pytest.mark.parametrize(("spec", "left_out"), [("muon", "no matmuls-alone row"), ("adamw", "no torch fused row")])
+def test_a_target_whose_comparison_row_was_left_out_is_not_met(spec, left_out):
+    """With `--only compiled`, the matrix specs' matmuls-alone row and AdamW's torch fused row are not run: their
+    targets are then not measured, neither met nor missed (the step here sits at its floor)."""
+    ours = harness.Result(name=f"opdsl {spec} compiled", family="opdsl", compiled=True, numel=10, times=[1e-3],
+                          first_call_s=1.0, recompiles=0)
+    report = harness.WorkloadReport(
+        workload="sized 1e1", algo=spec, numel=10, n_tensors=1, bytes_per_param=1e5, bytes_note="theory",
+        bandwidth=1e9, stream_times=[1e-3], results=[ours], memory_method="-", dtype=torch.float32,
+    )
+    verdict = targets.check(report, first_workload=True)
+    assert not verdict.met and verdict.unmeasured == [left_out]
+    assert targets.summary_table([verdict]).splitlines()[-1].endswith(f"| not measured: {left_out} |")
+
+
 def test_resnet50_workload_is_torchvisions_parameter_list():
     """161 tensors of 28 shapes, as torchvision's resnet50() (25,557,032 parameters)."""
     shapes = harness.resnet50_shapes()
