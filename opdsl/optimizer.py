@@ -81,8 +81,10 @@ from opdsl.plan import (
     Bucket,
     build_buckets,
     GroupValueCheck,
+    condition_hypers,
     conditions_of,
     float_env,
+    float_value,
     graph_reads,
     maximizes,
     per_param_state,
@@ -164,6 +166,7 @@ class Optimizer(torch.optim.Optimizer):
         self._clocks: list[StepClock] = []
         self._advice = Advice(spec)
         self._value_checks: dict[str, GroupValueCheck] = {}  # by graph name
+        self._condition_reads: dict[str, frozenset[str]] = {}  # by graph name: what its `if:` conditions read
         self._reads: list[frozenset[tuple[str, int | None]]] = []  # per group: what its graph reads
         self._key_counts: list[int] = []  # per group: len(group) when its keys were last looked at
         self._first_written = False  # grad2 specs: whether the closure's first call wrote a gradient
@@ -315,9 +318,9 @@ class Optimizer(torch.optim.Optimizer):
         self._seen = [{} for _ in self.param_groups]
         self._reads = [graph_reads(self.spec, g["graph"]) for g in self.param_groups]
         self._key_counts = [0] * len(self.param_groups)
-        self._conditions = [
-            conditions_of(self.spec, g["graph"], float_env(g, self._hyper_names)) for g in self.param_groups
-        ]
+        # each group's values as last applied: a change converts and checks the changed ones alone
+        self._floats = [float_env(g, self._hyper_names) for g in self.param_groups]
+        self._conditions = [conditions_of(self.spec, g["graph"], env) for g, env in zip(self.param_groups, self._floats)]
         self._maximize = [maximizes(g, f"param_groups[{gi}]['maximize']") for gi, g in enumerate(self.param_groups)]
         for bucket in self._buckets:
             self._envs.setdefault((bucket.group_index, bucket.flat.device), {})
@@ -402,7 +405,7 @@ class Optimizer(torch.optim.Optimizer):
             changed = [k for k in self._hyper_names if force or seen.get(k, _UNSET) != _mark(group[k])]
             if not changed:
                 continue
-            env = float_env(group, self._hyper_names)
+            env = {**self._floats[gi], **{k: float_value(k, group[k]) for k in changed}}
             if not force:
                 graph = group["graph"]
                 check = self._value_checks.get(graph) or self._value_checks.setdefault(graph, GroupValueCheck(self.spec, graph))
@@ -414,7 +417,13 @@ class Optimizer(torch.optim.Optimizer):
                 for k in changed:
                     if k in seen and _unread_change(k, seen[k], _mark(group[k]), self._reads[gi]):
                         self._advice.unread(gi, group["graph"], k, self._reads[gi])
-                replan |= conditions_of(self.spec, group["graph"], env) != self._conditions[gi]
+                graph = group["graph"]
+                flips = self._condition_reads.get(graph)
+                if flips is None:
+                    flips = self._condition_reads[graph] = condition_hypers(self.spec, graph)
+                if flips.intersection(changed):
+                    replan |= conditions_of(self.spec, graph, env) != self._conditions[gi]
+            self._floats[gi] = env
             for (g, device), tensors in self._envs.items():
                 if g == gi:
                     _write_env(tensors, env, changed, device)

@@ -20,7 +20,10 @@ from opdsl.expr import Expr
 from opdsl.scalars import evaluator_at
 from opdsl.spec import Spec, hyper_value, lr_problem, requirement_problems
 
-__all__ = ["Bucket", "build_buckets", "scalar_dtype", "scalar_slot", "conditions_of", "GroupValueCheck", "float_env"]
+__all__ = [
+    "Bucket", "build_buckets", "scalar_dtype", "scalar_slot", "conditions_of", "condition_hypers", "GroupValueCheck",
+    "float_env", "float_value",
+]
 
 
 def scalar_dtype(device: torch.device) -> torch.dtype:
@@ -41,19 +44,21 @@ def scalar_slot(value: float, device: torch.device, dtype: torch.dtype) -> torch
 
 def float_env(group: Mapping[str, Any], hyper_names: list[str]) -> dict[str, Any]:
     """A group's hyperparameters as plain values (tensors read once), each checked as a spec's would be."""
-    env = {}
-    for name in hyper_names:
-        value = group[name]
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        elif isinstance(value, (tuple, list)):
-            value = [v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for v in value]
-        try:
-            env[name] = hyper_value(value)
-        except ValueError as err:
-            raise ValueError(f"hyperparameter {name!r}: {err}") from None
+    env = {name: float_value(name, group[name]) for name in hyper_names}
     env["step"] = 1.0
     return env
+
+
+def float_value(name: str, value: Any) -> Any:
+    """One hyperparameter's value as :func:`float_env` holds it (a one-element tensor read once), checked."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    elif isinstance(value, (tuple, list)):
+        value = [v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for v in value]
+    try:
+        return hyper_value(value)
+    except ValueError as err:
+        raise ValueError(f"hyperparameter {name!r}: {err}") from None
 
 
 @dataclass
@@ -143,6 +148,13 @@ def conditions_of(spec: Spec, graph: str, env: Mapping[str, Any]) -> tuple[bool,
         for block in spec.graphs[graph].nodes.values()
         for _, value in block.conditions()
         if value is not None
+    )
+
+
+def condition_hypers(spec: Spec, graph: str) -> frozenset[str]:
+    """The hyperparameters a graph's build-time conditions read: a change to any other cannot flip one."""
+    return frozenset().union(
+        *(value.hypers for block in spec.graphs[graph].nodes.values() for _, value in block.conditions() if isinstance(value, Expr))
     )
 
 

@@ -258,3 +258,32 @@ def test_muon_bfloat16_every_step():
             opt.step()
         worst = max(worst, max_rel_diff(ours_model, ref_model))
     assert worst < 1e-2, f"muon (bf16): worst one-step relative difference {worst:.3g}"
+
+
+@pytest.mark.parametrize(("spec", "torch_cls"), [("adamw", torch.optim.AdamW), ("nadam", torch.optim.NAdam)])
+def test_a_scheduler_cycling_lr_and_momentum_every_step_follows_torch(spec, torch_cls):
+    """OneCycleLR's default cycles `betas[0]` beside lr on every step; opdsl converts and checks only the values
+    that changed and re-decides no `if:` they cannot flip (NAdam's step-dependent fields read betas[0])."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = make_model("mlp", torch.float64)
+        ref_model = copy.deepcopy(model)
+        ours = opdsl.Optimizer(two_groups(model, lr=3e-3), spec, compile=False)
+        ref = torch_cls(two_groups(ref_model, lr=3e-3), foreach=False)
+        scheds = [
+            torch.optim.lr_scheduler.OneCycleLR(o, max_lr=[2e-3, 5e-3], total_steps=60, base_momentum=0.8, max_momentum=0.95)
+            for o in (ours, ref)
+        ]
+        for step in range(60):
+            for m, o in ((model, ours), (ref_model, ref)):
+                o.zero_grad()
+                loss_of(m, "mlp", step, torch.float64).backward()
+                o.step()
+            for s in scheds:
+                s.step()
+        assert ours.param_groups[0]["betas"] == ref.param_groups[0]["betas"] != (0.9, 0.999)
+    finally:
+        torch.set_default_dtype(before)
+    diff = max_rel_diff(model, ref_model)
+    assert diff < TOL_FLOAT64, f"{spec}: {diff:.3g}"
