@@ -166,8 +166,8 @@ class Optimizer(torch.optim.Optimizer):
         self._clocks: list[StepClock] = []
         self._advice = Advice(spec)
         self._value_checks: dict[str, GroupValueCheck] = {}  # by graph name
-        self._condition_reads: dict[str, frozenset[str]] = {}  # by graph name: what its `if:` conditions read
         self._reads: list[frozenset[tuple[str, int | None]]] = []  # per group: what its graph reads
+        self._condition_reads: list[frozenset[str]] = []  # per group: what its graph's `if:` conditions read
         self._key_counts: list[int] = []  # per group: len(group) when its keys were last looked at
         self._first_written = False  # grad2 specs: whether the closure's first call wrote a gradient
         self._masking = False  # whether a step has found a parameter without a gradient (see step())
@@ -317,6 +317,7 @@ class Optimizer(torch.optim.Optimizer):
         self._envs = {}
         self._seen = [{} for _ in self.param_groups]
         self._reads = [graph_reads(self.spec, g["graph"]) for g in self.param_groups]
+        self._condition_reads = [condition_hypers(self.spec, g["graph"]) for g in self.param_groups]
         self._key_counts = [0] * len(self.param_groups)
         # each group's values as last applied: a change converts and checks the changed ones alone
         self._floats = [float_env(g, self._hyper_names) for g in self.param_groups]
@@ -417,12 +418,8 @@ class Optimizer(torch.optim.Optimizer):
                 for k in changed:
                     if k in seen and _unread_change(k, seen[k], _mark(group[k]), self._reads[gi]):
                         self._advice.unread(gi, group["graph"], k, self._reads[gi])
-                graph = group["graph"]
-                flips = self._condition_reads.get(graph)
-                if flips is None:
-                    flips = self._condition_reads[graph] = condition_hypers(self.spec, graph)
-                if flips.intersection(changed):
-                    replan |= conditions_of(self.spec, graph, env) != self._conditions[gi]
+                if self._condition_reads[gi].intersection(changed):
+                    replan |= conditions_of(self.spec, group["graph"], env) != self._conditions[gi]
             self._floats[gi] = env
             for (g, device), tensors in self._envs.items():
                 if g == gi:
