@@ -107,12 +107,14 @@ def build_eager_step(buckets: Sequence[BucketArgs], check_finite: bool, size: in
     # every chunk but the last writes its elements only; the last ones together also write the shared scalars
     inner = [[build_step([c.args], False, write_shared=False) for c in chunks[:-1]] for chunks in plans]
     last = build_step([chunks[-1].args for chunks in plans], False)
+    # the states cut with the bucket (the others, SCALAR, are whole in every chunk)
+    elementwise = [{k for k, spec in b.program.state_specs.items() if spec.kind is StateKind.ELEMENTWISE} for b in buckets]
 
     def step(params, grads, states, steps, envs, actives, extras, skipped=None):
         if any(p.device.type != "cpu" for p in params):
             return whole(params, grads, states, steps, envs, actives, extras, skipped)
         if check_finite:
-            checked = [g.reshape(-1) for i in range(len(buckets)) for g in (grads[i], *extras[i].values())]
+            checked = [g for grad, extra in zip(grads, extras) for g in (grad, *extra.values())]
             verdict = _all_finite(checked, skipped.device if skipped is not None else params[0].device)
             if not bool(verdict):  # a CPU tensor: reading it waits for nothing
                 if skipped is not None:
@@ -122,8 +124,7 @@ def build_eager_step(buckets: Sequence[BucketArgs], check_finite: bool, size: in
         def cut(i: int, chunk: Chunk) -> tuple[Any, ...]:
             """Bucket ``i``'s arguments, cut to ``chunk``."""
             part = slice(chunk.start, chunk.end)
-            specs = buckets[i].program.state_specs
-            state = {k: v[part] if specs[k].kind is StateKind.ELEMENTWISE else v for k, v in states[i].items()}
+            state = {k: v[part] if k in elementwise[i] else v for k, v in states[i].items()}
             active = None if actives[i] is None else actives[i][chunk.first : chunk.last]
             extra = {k: v[part] for k, v in extras[i].items()}
             return params[i][part], grads[i][part], state, steps[i], envs[i], active, extra
