@@ -8,6 +8,9 @@ a second parameter dtype sharing the group's step count, and optimizers whose gr
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import pytest
 import torch
 
@@ -26,6 +29,17 @@ SMALL_CHUNK = 64
 SPECS = ["adamw", "nadam", "radam", "asgd", "rprop", "adadelta", "lion", "sgd", "qhadamw"]
 
 
+@contextlib.contextmanager
+def _chunk_size(per_thread: int) -> Iterator[None]:
+    """Steps built inside are cut every ``per_thread`` elements per thread (1 << 30: whole buckets)."""
+    before = chunking.CHUNK_NUMEL_PER_THREAD
+    chunking.CHUNK_NUMEL_PER_THREAD = per_thread
+    try:
+        yield
+    finally:
+        chunking.CHUNK_NUMEL_PER_THREAD = before
+
+
 def _trained(spec: str, chunk: int, steps: int = 12) -> tuple[list[torch.Tensor], dict, int]:
     """A transformer's parameters stepped eagerly at ``chunk`` elements per thread, on seeded gradients.
 
@@ -39,9 +53,7 @@ def _trained(spec: str, chunk: int, steps: int = 12) -> tuple[list[torch.Tensor]
         {"params": [p for p in model.parameters() if p.ndim >= 2] + vectors[:2]},
         {"params": vectors[2:], "maximize": True, "lr": 3e-3},
     ]
-    before = chunking.CHUNK_NUMEL_PER_THREAD
-    chunking.CHUNK_NUMEL_PER_THREAD = chunk
-    try:
+    with _chunk_size(chunk):
         opt = opdsl.Optimizer(groups, spec=spec, lr=1e-2, compile=False)
         params = list(model.parameters())
         for step in range(steps):
@@ -52,8 +64,6 @@ def _trained(spec: str, chunk: int, steps: int = 12) -> tuple[list[torch.Tensor]
             if step == 5:
                 params[-2].grad.view(-1)[3] = float("nan")
             opt.step()
-    finally:
-        chunking.CHUNK_NUMEL_PER_THREAD = before
     return [p.detach().clone() for p in params], opt.state_dict(), opt.skipped_steps
 
 
@@ -122,16 +132,12 @@ def test_empty_parameters_beside_chunked_buckets(one_thread) -> None:
         gen = torch.Generator().manual_seed(0)
         floats = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((300,), (0, 4), (70,))]
         doubles = [torch.nn.Parameter(torch.zeros(0, dtype=torch.float64))]
-        before = chunking.CHUNK_NUMEL_PER_THREAD
-        chunking.CHUNK_NUMEL_PER_THREAD = chunk
-        try:
+        with _chunk_size(chunk):
             opt = opdsl.Optimizer([{"params": floats}, {"params": doubles}], spec="adamw", compile=False)
             for _ in range(3):
                 for p in floats + doubles:
                     p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
                 opt.step()
-        finally:
-            chunking.CHUNK_NUMEL_PER_THREAD = before
         assert int(opt.state_dict()["state"][3]["step"]) == 3
         return [p.detach().clone() for p in floats]
 
