@@ -94,6 +94,9 @@ class Block(BaseModel):
     - ``CARRIES_NONFINITE``: a port whose inf and NaN elements surely reach the output at the same
       position when every other operand is finite (``x + wd * param``). A finiteness witness offered
       on the output (``BlockContext.witness``) then also vouches for what that port read.
+    - ``SUMS_PER_TENSOR``: the block's per-tensor work (scope TENSOR) is only sums over each parameter
+      broadcast back (``ctx.segment_sum``, ``ctx.expand``), never a view in the parameter's shape. Such a
+      block runs in one tiled bucket for all shapes instead of a bucket per shape (:meth:`splits_by_shape`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, arbitrary_types_allowed=True)
@@ -113,21 +116,23 @@ class Block(BaseModel):
     PREV_NEEDS: ClassVar[str | None] = None  # what makes a block keep its primary state, where it may not
     TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ()  # fields holding an expression over tensors, not a scalar
     CARRIES_NONFINITE: ClassVar[str | None] = None
+    SUMS_PER_TENSOR: ClassVar[bool] = False
 
     # ---- declarations -------------------------------------------------------------------------------
     def scope(self) -> Scope:
         return Scope.ELEMENTWISE
 
     def splits_by_shape(self) -> bool:
-        """Whether the block wants a bucket per parameter shape: true for any per-tensor or per-subset work
-        (a reduction broadcast back over its tensor, a batched matrix product, a per-shape factor).
+        """Whether the block wants a bucket per parameter shape: true for per-subset work and for per-tensor
+        work in the parameter's shape (a batched matrix product, a per-shape factor).
 
         In a bucket of several shapes such a block computes one piece per shape, and the pieces are
         concatenated into a full-size temporary before the next elementwise block reads them; inductor's CPU
         backend writes that concatenation out. In a one-shape bucket the piece is the value. Elementwise and
-        global work share one bucket across shapes.
+        global work share one bucket across shapes, and so do sums per tensor (``SUMS_PER_TENSOR``), in a
+        tiled bucket.
         """
-        return self.scope() in (Scope.TENSOR, Scope.SUBSET)
+        return self.scope() is Scope.SUBSET or (self.scope() is Scope.TENSOR and not self.SUMS_PER_TENSOR)
 
     def state_specs(self) -> dict[str, StateSpec]:
         return {}

@@ -47,6 +47,7 @@ class _DirectionState(Block):
 
     PORTS: ClassVar[tuple[str, ...]] = ("input",)
     PRIMARY_STATE: ClassVar[str] = "d"
+    SUMS_PER_TENSOR: ClassVar[bool] = True
 
     def state_specs(self) -> dict[str, StateSpec]:
         return {"d": StateSpec(StateKind.ELEMENTWISE)}
@@ -80,9 +81,9 @@ class MinNormMixer(_DirectionState):
         g = x["input"]
         num, den = self._terms(g, state["d"])
         acc = ctx.step.dtype  # float64 where the device has it
-        den = den.sum(dtype=acc)
+        den = ctx.total(den, dtype=acc)
         ctx.witness("input", [den], terms_dtype=g.dtype)  # ||g - D||^2: the finiteness check reads it, not g
-        return {"num": num.sum(dtype=acc), "den": den}
+        return {"num": ctx.total(num, dtype=acc), "den": den}
 
     def weight(self, ctx, num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
         """lam from the summed terms (0-d or one per parameter); 0 where D_t must be g_t."""

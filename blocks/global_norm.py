@@ -35,6 +35,7 @@ class GlobalNorm(Block):
 
     PORTS: ClassVar[tuple[str, ...]] = ("input", "stats")
     PRIMARY_STATE: ClassVar[str] = "b2"
+    SUMS_PER_TENSOR: ClassVar[bool] = True
 
     def scope(self) -> Scope:
         return Scope.GLOBAL if self.span == "global" else Scope.TENSOR
@@ -51,7 +52,7 @@ class GlobalNorm(Block):
         return s * s
 
     def reduce(self, ctx, x, state):
-        sq = self._squares(x["stats"]).sum()
+        sq = ctx.total(self._squares(x["stats"]))
         ctx.witness("stats", [sq])  # the finiteness check reads this sum instead of the gradient
         return {"sq": sq}
 

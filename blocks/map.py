@@ -54,6 +54,7 @@ class Map(Block):
 
     PORTS: ClassVar[tuple[str, ...]] = ("input", "with_")
     PRIMARY_STATE: ClassVar[str] = "value"
+    SUMS_PER_TENSOR: ClassVar[bool] = True  # tensor_norm and co. are segment sums, broadcast back
     PREV_NEEDS: ClassVar[str] = "set `keep: true` on it"
     TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ("expr",)
 

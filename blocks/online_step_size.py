@@ -42,7 +42,7 @@ class OnlineStepSize(Block):
 
     def reduce(self, ctx, x, state):
         g, g2 = x["input"], x["second"]
-        inner, norm = (g * g2).sum(dtype=torch.float64), (g * g).sum(dtype=torch.float64)
+        inner, norm = ctx.total(g * g2, dtype=torch.float64), ctx.total(g * g, dtype=torch.float64)
         # the finiteness check reads these sums instead of both gradients (see BlockContext.witness)
         ctx.witness("input", [norm], terms_dtype=g.dtype)
         ctx.witness("second", [inner], terms_dtype=g.dtype)

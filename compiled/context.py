@@ -1,7 +1,8 @@
 """What a block sees of the back end while it runs on one bucket.
 
-Blocks compute on full-size tensors in the bucket's value layout: flat ``(numel,)``, or ``(count, *shape)``
-for a one-shape bucket whose graph works on rows or columns (``Program.shaped_values``). Elementwise
+Blocks compute on full-size tensors in the bucket's value layout: flat ``(numel,)``, ``(count, *shape)``
+for a one-shape bucket whose graph works on rows or columns (``Program.shaped_values``), or ``(tiles,
+tile)`` for a tiled bucket of many shapes that sums over each parameter (``layout.choose_tile``). Elementwise
 arithmetic does not care which; the context turns scalar fields into numbers or 0-d tensors and gives the
 layout-aware operations (batched views per run of equal shapes, per-parameter sums, broadcasting
 per-parameter values back over the layout). Everything here is traceable by torch.compile and free of host syncs.
@@ -13,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from opdsl.compiled.layout import Run, Segment, shape_runs, value_shape
+from opdsl.compiled.layout import Run, Segment, shape_runs, tiles_of, value_shape
 from opdsl.expr import Expr
 
 __all__ = ["BlockContext"]
@@ -32,14 +33,19 @@ class BlockContext:
         param: torch.Tensor,
         numel: int,
         positions: Sequence[int],
+        tile: int = 1,
     ):
         self.segments = tuple(segments)
         self.runs: tuple[Run, ...] = shape_runs(self.segments)
         self.env = env
         self.step = step  # 0-d float64 tensor: t, already incremented for this step
         self.param = param
-        self.value_shape = tuple(param.shape)  # the layout of every full-size value: flat or (count, *shape)
+        self.value_shape = tuple(param.shape)  # the layout of every full-size value: flat, (count, *shape) or tiled
         self.numel = numel
+        self.tile = tile  # > 1: a tiled bucket, value layout (numel // tile, tile)
+        if tile > 1:  # made from the static layout: constants of the compiled step
+            self._owner = self._tile_owners()
+            self._in_parameter = self._parameter_mask()
         # Each segment's parameter index in its param group: a key that does not depend on how parameters
         # are bucketed.
         self.positions = tuple(positions)
@@ -104,6 +110,7 @@ class BlockContext:
 
     def concat(self, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
         """Inverse of :meth:`run_views`: one full-size value from per-run pieces in buffer order."""
+        self._untiled("concat")
         if len(pieces) == 1:
             return pieces[0].reshape(self.value_shape)
         return torch.cat([p.reshape(-1) for p in pieces])
@@ -114,6 +121,7 @@ class BlockContext:
         Parameters of one shape sit back to back in a bucket (see ``layout.group_by_shape``), so a model's
         hundred tensors are a handful of runs: per-tensor operations compile to a few batched kernels.
         """
+        self._untiled("run_views")
         if len(self.runs) == 1:
             return [flat.view(value_shape(self.runs, self.numel))]
         return [flat[r.offset : r.end].view(r.count, *r.shape) for r in self.runs]
@@ -123,8 +131,22 @@ class BlockContext:
         return [per_segment[r.first : r.first + r.count] for r in self.runs]
 
     def segment_sum(self, flat: torch.Tensor) -> torch.Tensor:
-        """Sum of each parameter's slice: shape ``[n_params]``."""
+        """Sum of each parameter's slice: shape ``[n_params]``.
+
+        Tiled, each tile is summed (its padding masked out) and the tiles of each parameter are added in
+        order by ``segment_reduce``: one reduction for every shape, no atomics, the same sum on every run.
+        """
+        if self.tile > 1:
+            per_tile = torch.where(self._in_parameter, flat, torch.zeros((), dtype=flat.dtype, device=flat.device)).sum(1)
+            lengths = torch.tensor([tiles_of(s.numel, self.tile) for s in self.segments], device=flat.device)
+            return torch.segment_reduce(per_tile, "sum", lengths=lengths, unsafe=True)  # unsafe: no host check
         return torch.cat([v.reshape(v.shape[0], -1).sum(1) for v in self.run_views(flat)])
+
+    def total(self, value: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Sum of a full-size value over the whole bucket (a global block's partial sum): 0-d."""
+        if self.tile > 1:
+            value = torch.where(self._in_parameter, value, torch.zeros((), dtype=value.dtype, device=value.device))
+        return value.sum(dtype=dtype)
 
     def expand(self, per_segment: torch.Tensor) -> torch.Tensor:
         """Broadcast one value per parameter back over the value layout (a number is computed :meth:`once`)."""
@@ -132,6 +154,8 @@ class BlockContext:
             per_segment = self.once(per_segment)
         if len(self.segments) == 1:
             return per_segment.reshape(())
+        if self.tile > 1:  # one value per row: every tile lies inside one parameter
+            return per_segment[self._owner].reshape(-1, 1)
         if len(self.value_shape) > 1:  # (count, 1, ..., 1) broadcasts over the (count, *shape) layout
             return per_segment.reshape(-1, *([1] * (len(self.value_shape) - 1)))
         pieces = [
@@ -139,3 +163,23 @@ class BlockContext:
             for r, values in zip(self.runs, self.run_slices(per_segment))
         ]
         return self.concat(pieces)
+
+    # ---- a tiled bucket's index -----------------------------------------------------------------------
+    def _untiled(self, what: str) -> None:
+        if self.tile > 1:
+            raise RuntimeError(f"{what}: a tiled bucket has no per-shape views (only blocks that sum per parameter run in one)")
+
+    def _tile_owners(self) -> torch.Tensor:
+        """Which parameter each tile belongs to: ``[tiles]`` indices."""
+        device = self.param.device
+        starts = torch.tensor([s.offset // self.tile for s in self.segments[1:]], dtype=torch.long, device=device)
+        rows = torch.arange(self.numel // self.tile, device=device)
+        return torch.bucketize(rows, starts, right=True)  # an empty parameter shares its start with the next
+
+    def _parameter_mask(self) -> torch.Tensor:
+        """``(tiles, tile)`` bool: which elements of the layout belong to a parameter (False: padding)."""
+        device = self.param.device
+        ends = torch.tensor([s.end for s in self.segments], dtype=torch.long, device=device)
+        row_start = torch.arange(0, self.numel, self.tile, device=device).reshape(-1, 1)
+        limit = ends[self._owner].reshape(-1, 1) - row_start
+        return torch.arange(self.tile, device=device) < limit

@@ -4,14 +4,27 @@ Each ``p.data`` becomes a view into the bucket's parameter buffer and each ``p.g
 gradient buffer, so an elementwise chain over a whole bucket is one kernel and autograd accumulates
 straight into the buffer. When a user replaces or clears a ``.grad`` (``model.zero_grad()`` sets them
 to None), :meth:`FlatBuffers.gather_grads` copies it back in before the step and re-installs the view.
+
+A bucket that sums over each of its parameters is *tiled*: every parameter starts on a tile boundary and
+its last tile is padded with elements no parameter views (:func:`choose_tile`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
-__all__ = ["Segment", "Run", "FlatBuffers", "shape_runs", "group_by_shape", "run_of", "value_shape"]
+__all__ = [
+    "Segment", "Run", "FlatBuffers", "shape_runs", "group_by_shape", "run_of", "value_shape", "choose_tile", "TILE_SIZES", "TILED_DEVICE_TYPES",
+    "tiles_of",
+]
+
+#: Tile lengths a bucket of many shapes may be laid out in, largest first (see :func:`choose_tile`).
+TILE_SIZES: tuple[int, ...] = (1024, 512, 256, 128, 64, 32, 16)
+#: Devices whose torch has the ``segment_reduce`` kernel a tiled bucket sums with; elsewhere a graph that
+#: sums per tensor gets a bucket per shape, as a graph with other per-tensor work does.
+TILED_DEVICE_TYPES = frozenset({"cpu", "cuda"})
 
 
 @dataclass(frozen=True)
@@ -84,13 +97,36 @@ def value_shape(runs: tuple[Run, ...], numel: int) -> tuple[int, ...]:
     return (numel,)
 
 
-def plan_segments(shapes: list[torch.Size]) -> tuple[Segment, ...]:
+def tiles_of(numel: int, tile: int) -> int:
+    """How many tiles of ``tile`` elements a parameter of ``numel`` elements spans (0 for an empty one)."""
+    return -(-numel // tile)
+
+
+def plan_segments(shapes: Sequence[torch.Size], tile: int = 1) -> tuple[Segment, ...]:
+    """The parameters back to back; with ``tile`` > 1 each starts on a tile boundary, its last tile padded."""
     segments, offset = [], 0
     for shape in shapes:
-        numel = shape.numel()
+        numel = torch.Size(shape).numel()
         segments.append(Segment(offset, numel, torch.Size(shape)))
-        offset += numel
+        offset += tiles_of(numel, tile) * tile
     return tuple(segments)
+
+
+def choose_tile(shapes: Sequence[torch.Size]) -> int:
+    """The tile length of a bucket that sums over each of its parameters (``Program.tiled``).
+
+    Such a bucket is stepped as a ``(tiles, tile)`` matrix whose every row lies inside one parameter: a
+    per-parameter value then broadcasts over whole rows, a vector loop with one value per row, and all
+    shapes share one loop nest (a bucket per shape compiled a nest per shape: LAMB over ResNet-50's 28
+    shapes took 43 s). The largest tile whose padding adds at most 1/64 to the bucket; the step time hardly
+    depends on it (LAMB's arithmetic over ResNet-50 on a 2-core Xeon: 44, 39 and 44 ms at 128, 1024 and 8192).
+    """
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    for tile in TILE_SIZES:
+        padded = sum(tiles_of(torch.Size(s).numel(), tile) * tile for s in shapes)
+        if (padded - numel) * 64 <= numel:
+            return tile
+    return TILE_SIZES[-1]
 
 
 class FlatBuffers:
@@ -104,17 +140,19 @@ class FlatBuffers:
         lives, so the mark outlives the optimizer that made it, as the parameters viewing it do."""
         return getattr(tensor.untyped_storage(), "_opdsl_parameters", False)
 
-    def __init__(self, params: list[torch.nn.Parameter]):
+    def __init__(self, params: list[torch.nn.Parameter], tile: int = 1):
         if not params:
             raise ValueError("a bucket needs at least one parameter")
         first = params[0]
         self.params = params
-        self.segments = plan_segments([p.shape for p in params])
+        self.tile = tile
+        self.segments = plan_segments([p.shape for p in params], tile)
         self.runs = shape_runs(self.segments)
-        self.numel = self.segments[-1].end if self.segments else 0
+        self.numel = self.segments[-1].offset + tiles_of(self.segments[-1].numel, tile) * tile
         self.device, self.dtype = first.device, first.dtype
         with torch.no_grad():
-            self.param = torch.empty(self.numel, device=self.device, dtype=self.dtype)
+            # zeros: a tiled bucket's padding is stepped with the rest and must start finite
+            self.param = torch.zeros(self.numel, device=self.device, dtype=self.dtype)
             self.grad = torch.zeros(self.numel, device=self.device, dtype=self.dtype)
             for p, seg in zip(params, self.segments):
                 self.param[seg.offset : seg.end].copy_(p.detach().reshape(-1))

@@ -84,6 +84,14 @@ class Program:
         """
         return any(s.block.scope() is Scope.SUBSET for s in self.steps)
 
+    @property
+    def sums_per_tensor(self) -> bool:
+        """Whether the graph's only per-tensor work is sums over each parameter (``Block.SUMS_PER_TENSOR``):
+        then one tiled bucket can hold every shape (``layout.choose_tile``)."""
+        return any(s.block.scope() is Scope.TENSOR for s in self.steps) and not any(
+            s.block.splits_by_shape() for s in self.steps
+        )
+
 
 class PlanError(ValueError):
     """A graph cannot run at some values: ``node`` reads the state of a node its ``if:`` switches off, or is
@@ -150,6 +158,7 @@ class BucketArgs:
     group_index: int
     positions: tuple[int, ...]  # each parameter's index in its param group
     maximize: bool = False  # the graph's sources are the negated gradients
+    tile: int = 1  # > 1: a tiled bucket (every parameter starts on a tile, see layout.choose_tile)
 
 
 @dataclass
@@ -193,7 +202,7 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool, write_shared: 
             t = steps[i].reshape(()) + 1
             env = {k: _as_scalars(v) for k, v in envs[i].items()}
             env["step"] = t
-            ctx = BlockContext(b.segments, env, t, params[i], b.numel, b.positions)
+            ctx = BlockContext(b.segments, env, t, params[i], b.numel, b.positions, b.tile)
             gradients = {"grad": grads[i], **extras[i]}
             if b.maximize:  # ascend: every block sees -g, as torch's `maximize` negates before anything else
                 gradients = {k: -g for k, g in gradients.items()}

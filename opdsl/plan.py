@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from opdsl.blocks.base import StateKind, StateSpec
-from opdsl.compiled.layout import FlatBuffers, group_by_shape, run_of, value_shape
+from opdsl.compiled.layout import TILED_DEVICE_TYPES, FlatBuffers, choose_tile, group_by_shape, run_of, value_shape
 from opdsl.compiled.lowering import BucketArgs, Program, build_program, state_key
 from opdsl.errors import BindError
 from opdsl.expr import Expr
@@ -76,14 +76,18 @@ class Bucket:
     @property
     def args(self) -> BucketArgs:
         return BucketArgs(
-            self.program, self.flat.segments, self.flat.numel, self.group_index, self.positions, self.maximize
+            self.program, self.flat.segments, self.flat.numel, self.group_index, self.positions, self.maximize,
+            self.flat.tile,
         )
 
     @cached_property
     def value_shape(self) -> tuple[int, ...]:
-        """The layout the step computes this bucket's full-size values in (see ``Program.shaped_values``).
+        """The layout the step computes this bucket's full-size values in (see ``Program.shaped_values`` and
+        ``layout.choose_tile``).
 
         Fixed for the bucket's life (its program and buffers are), so worked out once, not on every step."""
+        if self.flat.tile > 1:
+            return (self.flat.numel // self.flat.tile, self.flat.tile)
         return value_shape(self.flat.runs, self.flat.numel) if self.program.shaped_values else (self.flat.numel,)
 
     def shaped(self, flat: torch.Tensor) -> torch.Tensor:
@@ -303,21 +307,27 @@ def build_buckets(
     shape_problems += _overlaps(param_groups, names)
     if shape_problems:
         raise BindError("the spec cannot take these parameters:\n  " + "\n  ".join(shape_problems))
-    reusable = {tuple(map(id, flat.params)): flat for flat in previous if not flat.moved_params()}
+    reusable = {(tuple(map(id, flat.params)), flat.tile): flat for flat in previous if not flat.moved_params()}
     buckets: list[Bucket] = []
     for gi, (group, program) in enumerate(zip(param_groups, programs)):
-        # A program with per-tensor or per-subset work (Block.splits_by_shape) gets one bucket per shape: its
-        # batched operations then read plain (count, *shape) views of whole buffers, and no per-shape result
-        # is concatenated into a full-size temporary. Other programs keep every shape in one buffer.
+        # A program with per-subset work or per-tensor work in the parameter's shape (Block.splits_by_shape)
+        # gets one bucket per shape: its batched operations then read plain (count, *shape) views of whole
+        # buffers, and no per-shape result is concatenated into a full-size temporary. A program whose
+        # per-tensor work is sums keeps every shape in one tiled buffer, where the device can sum it; other
+        # programs keep every shape in one flat buffer.
         per_shape = any(s.block.splits_by_shape() for s in program.steps)
+        sums = program.sums_per_tensor
         by_key: dict[tuple, list[torch.nn.Parameter]] = {}
         position = {id(p): k for k, p in enumerate(group["params"])}
         counters: dict[torch.device, torch.Tensor] = {}
         for p in group["params"]:
-            by_key.setdefault((p.device, p.dtype, p.shape if per_shape else None), []).append(p)
+            split = per_shape or (sums and p.device.type not in TILED_DEVICE_TYPES)
+            by_key.setdefault((p.device, p.dtype, p.shape if split else None), []).append(p)
         for (device, _dtype, _shape), params in by_key.items():
             params = group_by_shape(params)
-            flat = reusable.get(tuple(map(id, params))) or FlatBuffers(params)
+            tiled = sums and len({p.shape for p in params}) > 1  # one shape: its (count, *shape) views serve
+            tile = choose_tile([p.shape for p in params]) if tiled else 1
+            flat = reusable.get((tuple(map(id, params)), tile)) or FlatBuffers(params, tile)
             state = {key: _init_state(s, flat) for key, s in program.state_specs.items()}
             # One counter per group and device, shared by its buckets (they always step together): the scalar
             # math over it (bias corrections, schedules) is then the same expression for every bucket and is

@@ -1,0 +1,151 @@
+"""Tiled buckets: a graph whose per-tensor work is sums (LAMB's trust ratio, CoBA's inner products) steps
+every shape in one bucket laid out as ``(tiles, tile)``, each parameter starting on a tile boundary.
+
+What must hold: the padding after each parameter never reaches a parameter, a state or a sum (whatever
+it holds); the numbers are those of a bucket per shape; a device without ``segment_reduce`` falls back to
+a bucket per shape.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import opdsl
+import opdsl.plan
+from opdsl.blocks.base import StateKind
+from opdsl.compiled.context import BlockContext
+from opdsl.compiled.layout import TILE_SIZES, choose_tile, plan_segments
+
+from conftest import loss_of, make_model, max_rel_diff
+
+# A per-tensor mean and a global norm of `grad + 1`: both read 1 wherever the gradient is 0, so a sum that
+# took in the padding would be off by the padding's length.
+SHIFTED = opdsl.load_spec("tiled-global.yaml", text="""\
+opdsl: 1
+name: tiled-global
+hyper: {lr: 1.0e-2}
+nodes:
+  shifted: {block: map, input: grad, expr: "x + 1"}
+  scaled:  {block: global-norm, input: shifted, stats: shifted}
+  centred: {block: map, input: scaled, expr: "x - tensor_mean(x)"}
+output: centred
+""")
+
+SHAPES = [torch.Size(s) for s in [(3, 5), (0,), (40,), (1,), (7, 3, 2), (3, 5)]]
+
+
+def test_every_parameter_starts_on_a_tile_and_padding_stays_small():
+    numel = sum(s.numel() for s in SHAPES)
+    for tile in TILE_SIZES:
+        segments = plan_segments(SHAPES, tile)
+        assert all(s.offset % tile == 0 for s in segments)
+        assert all(a.end <= b.offset for a, b in zip(segments, segments[1:]))
+        assert [s.numel for s in segments] == [s.numel() for s in SHAPES]
+    tile = choose_tile(SHAPES)
+    padded = plan_segments(SHAPES, tile)[-1].end
+    assert tile == TILE_SIZES[-1] or (padded - numel) * 64 <= numel
+    big = [torch.Size((1000, 1000)), torch.Size((1000,)), torch.Size((3, 1000))]
+    assert choose_tile(big) == TILE_SIZES[0]  # padding of 1.6K elements beside 1M
+
+
+def _context(tile: int) -> tuple[BlockContext, torch.Tensor]:
+    segments = plan_segments(SHAPES, tile)
+    numel = -(-segments[-1].end // tile) * tile
+    param = torch.zeros(numel // tile, tile, dtype=torch.float64)
+    return BlockContext(segments, {}, torch.ones((), dtype=torch.float64), param, numel, range(len(SHAPES)), tile), param
+
+
+def test_sums_and_broadcasts_of_a_tiled_bucket_read_no_padding():
+    """Integer values: every order of summation gives the exact sums, and NaN in the padding must stay out."""
+    ctx, _ = _context(16)
+    values = torch.full((ctx.numel,), float("nan"), dtype=torch.float64)
+    expected = []
+    for k, seg in enumerate(ctx.segments):
+        part = torch.arange(seg.numel, dtype=torch.float64) % 7 - 3 + k
+        values[seg.offset : seg.end] = part
+        expected.append(part.sum())
+    values = values.view(-1, 16)
+    assert torch.equal(ctx.segment_sum(values), torch.stack(expected))
+    assert torch.equal(ctx.total(values), torch.stack(expected).sum())
+    spread = ctx.expand(torch.arange(len(SHAPES), dtype=torch.float64)).expand(values.shape).reshape(-1)
+    for k, seg in enumerate(ctx.segments):
+        assert torch.equal(spread[seg.offset : seg.end], torch.full((seg.numel,), float(k), dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="tiled bucket"):
+        ctx.run_views(values)
+
+
+@pytest.mark.parametrize("spec", ["lamb", "coba", SHIFTED], ids=["lamb", "coba", "tiled-global"])
+def test_graphs_that_sum_per_tensor_step_every_shape_in_one_tiled_bucket(spec):
+    model = make_model("transformer")
+    opt = opdsl.Optimizer(model.parameters(), spec, compile=False)
+    (bucket,) = opt._buckets
+    flat = bucket.flat
+    assert flat.tile > 1 and len(flat.runs) > 1
+    for p in model.parameters():
+        assert (p.data_ptr() - flat.param.data_ptr()) // p.element_size() % flat.tile == 0
+    assert bucket.shaped_param.shape == (flat.numel // flat.tile, flat.tile)
+
+
+def _padding(bucket) -> torch.Tensor:
+    covered = torch.zeros(bucket.flat.numel, dtype=torch.bool)
+    for seg in bucket.flat.segments:
+        covered[seg.offset : seg.end] = True
+    return ~covered
+
+
+def _poison_padding(opt) -> None:
+    """NaN in every padding element the step writes: the parameters' and the full-size states'."""
+    for bucket in opt._buckets:
+        pad = _padding(bucket)
+        buffers = [bucket.flat.param] + [
+            bucket.state[k] for k, s in bucket.program.state_specs.items() if s.kind is StateKind.ELEMENTWISE
+        ]
+        for buffer in buffers:
+            buffer[pad] = float("nan")
+
+
+@pytest.mark.parametrize(
+    "spec, compiled",
+    [("lamb", False), ("coba", False), (SHIFTED, False), (SHIFTED, True)],
+    ids=["lamb", "coba", "tiled-global", "tiled-global-compiled"],
+)
+def test_whatever_the_padding_holds_never_reaches_a_parameter_or_state(spec, compiled):
+    clean_model = make_model("transformer")
+    poisoned_model = copy.deepcopy(clean_model)
+    clean = opdsl.Optimizer(clean_model.parameters(), spec, compile=compiled)
+    poisoned = opdsl.Optimizer(poisoned_model.parameters(), spec, compile=compiled)
+    for step in range(8):
+        _poison_padding(poisoned)
+        for model, opt in ((clean_model, clean), (poisoned_model, poisoned)):
+            opt.zero_grad()
+            loss_of(model, "transformer", step).backward()
+            opt.step()
+    assert clean.skipped_steps == poisoned.skipped_steps == 0
+    for a, b in zip(clean_model.parameters(), poisoned_model.parameters()):
+        assert torch.equal(a, b)
+        for key, value in clean.state[a].items():
+            assert torch.equal(value, poisoned.state[b][key]), key
+    # the gradient buffer's padding is zeroed with it and no view covers it: it is never written
+    (bucket,) = poisoned._buckets
+    assert not bucket.flat.grad[_padding(bucket)].any()
+
+
+@pytest.mark.parametrize("spec", ["lamb", "coba", SHIFTED], ids=["lamb", "coba", "tiled-global"])
+def test_a_tiled_bucket_steps_as_a_bucket_per_shape_does(spec, monkeypatch):
+    """In float64 over 30 steps the two layouts differ only by the order of each sum's additions."""
+    tiled_model = make_model("transformer", torch.float64)
+    split_model = copy.deepcopy(tiled_model)
+    tiled = opdsl.Optimizer(tiled_model.parameters(), spec, compile=False)
+    monkeypatch.setattr(opdsl.plan, "TILED_DEVICE_TYPES", frozenset())  # as on a device without segment_reduce
+    split = opdsl.Optimizer(split_model.parameters(), spec, compile=False)
+    assert len(split._buckets) == len({p.shape for p in split_model.parameters()})
+    assert all(b.flat.tile == 1 for b in split._buckets)
+    for step in range(30):
+        for model, opt in ((tiled_model, tiled), (split_model, split)):
+            opt.zero_grad()
+            loss_of(model, "transformer", step, torch.float64).backward()
+            opt.step()
+    assert max_rel_diff(tiled_model, split_model) < 1e-13
