@@ -13,6 +13,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch._inductor.config as inductor_config
 
 from opdsl.compiled.layout import Run, Segment, shape_runs, tiles_of, value_shape
 from opdsl.expr import Expr
@@ -20,6 +21,7 @@ from opdsl.expr import Expr
 __all__ = ["BlockContext"]
 
 _PLAIN_REFERENCE = re.compile(r"\s*\$\w+(\[\d+\])?\s*$")
+_UNROLLED_REDUCTIONS: int = inductor_config.unroll_reductions_threshold
 
 
 class BlockContext:
@@ -66,17 +68,29 @@ class BlockContext:
 
     @staticmethod
     def once(value: Any) -> Any:
-        """Compute a small value (0-d, or one per row/column) once per step, not once per vector of the
-        elementwise kernel that reads it.
+        """Compute a small value (0-d, or one per row/column/tensor) once per step, not once per vector of
+        the elementwise kernel that reads it.
 
         Inductor inlines cheap pointwise producers into their consumer's loop without hoisting them: a bias
         correction ``1 - beta ** t`` became two ``pow`` calls per 8 elements (6x slower than the memory floor),
-        and a subset-norm denominator ``sqrt(v) + eps`` a square root per element. A tiny reduction cannot be
-        inlined into a pointwise loop, so it is realised as its own small kernel.
+        and a subset-norm denominator ``sqrt(v) + eps`` a square root per element. A reduction is not
+        inlined, so the value is realised as a small reduction over copies of itself:
+
+        - a 0-d value over two copies;
+        - a value per row or tensor over more copies than inductor unrolls into its consumer
+          (``unroll_reductions_threshold``; two copies were unrolled, and LAMB's tiled trust ratio was two
+          square roots and a division per vector), in a buffer one element longer than the value. A buffer
+          with the consumer's row count would be fused into the consumer's outer loop as a local buffer,
+          which inductor's CPU backend (torch 2.13) fails to generate when a state write follows (a KeyError
+          in ``try_outer_loop_fusion_with_local_buf``).
         """
-        if isinstance(value, torch.Tensor):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.dim() == 0:
             return torch.stack((value, value)).amax(0)
-        return value
+        flat = value.reshape(-1)
+        longer = torch.cat((flat, flat[:1]))
+        return torch.stack((longer,) * (_UNROLLED_REDUCTIONS + 1)).amax(0)[: flat.numel()].view(value.shape)
 
     def hyper(self, name: str) -> Any:
         return self.env[name]
@@ -150,12 +164,13 @@ class BlockContext:
 
     def expand(self, per_segment: torch.Tensor) -> torch.Tensor:
         """Broadcast one value per parameter back over the value layout (a number is computed :meth:`once`)."""
-        if per_segment.dtype.is_floating_point:
+        if per_segment.dtype.is_floating_point and self.tile == 1:
             per_segment = self.once(per_segment)
         if len(self.segments) == 1:
             return per_segment.reshape(())
-        if self.tile > 1:  # one value per row: every tile lies inside one parameter
-            return per_segment[self._owner].reshape(-1, 1)
+        if self.tile > 1:  # one value per row (every tile lies inside one parameter), realised once per row
+            rows = per_segment[self._owner]
+            return (self.once(rows) if rows.dtype.is_floating_point else rows).reshape(-1, 1)
         if len(self.value_shape) > 1:  # (count, 1, ..., 1) broadcasts over the (count, *shape) layout
             return per_segment.reshape(-1, *([1] * (len(self.value_shape) - 1)))
         pieces = [
@@ -179,7 +194,9 @@ class BlockContext:
     def _parameter_mask(self) -> torch.Tensor:
         """``(tiles, tile)`` bool: which elements of the layout belong to a parameter (False: padding)."""
         device = self.param.device
-        ends = torch.tensor([s.end for s in self.segments], dtype=torch.long, device=device)
-        row_start = torch.arange(0, self.numel, self.tile, device=device).reshape(-1, 1)
-        limit = ends[self._owner].reshape(-1, 1) - row_start
-        return torch.arange(self.tile, device=device) < limit
+        # int32 where the offsets fit: the comparison is then as wide as the float32 vectors it masks
+        index = torch.int32 if self.numel < 2**31 else torch.int64
+        ends = torch.tensor([s.end for s in self.segments], dtype=index, device=device)
+        row_start = torch.arange(0, self.numel, self.tile, dtype=index, device=device)
+        limit = self.once(ends[self._owner] - row_start).reshape(-1, 1)  # a row's leading elements that are a parameter's
+        return torch.arange(self.tile, dtype=index, device=device) < limit
