@@ -48,6 +48,7 @@ class BlockContext:
         if tile > 1:  # made from the static layout: constants of the compiled step
             self._owner = self._tile_owners()
             self._in_parameter = self._parameter_mask()
+            self._tiles_per_parameter = torch.tensor([tiles_of(s.numel, tile) for s in self.segments], device=param.device)
         # Each segment's parameter index in its param group: a key that does not depend on how parameters
         # are bucketed.
         self.positions = tuple(positions)
@@ -151,16 +152,14 @@ class BlockContext:
         order by ``segment_reduce``: one reduction for every shape, no atomics, the same sum on every run.
         """
         if self.tile > 1:
-            per_tile = torch.where(self._in_parameter, flat, torch.zeros((), dtype=flat.dtype, device=flat.device)).sum(1)
-            lengths = torch.tensor([tiles_of(s.numel, self.tile) for s in self.segments], device=flat.device)
-            return torch.segment_reduce(per_tile, "sum", lengths=lengths, unsafe=True)  # unsafe: no host check
+            per_tile = self._without_padding(flat).sum(1)
+            # unsafe: no check of the lengths, which would read them on the host
+            return torch.segment_reduce(per_tile, "sum", lengths=self._tiles_per_parameter, unsafe=True)
         return torch.cat([v.reshape(v.shape[0], -1).sum(1) for v in self.run_views(flat)])
 
     def total(self, value: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Sum of a full-size value over the whole bucket (a global block's partial sum): 0-d."""
-        if self.tile > 1:
-            value = torch.where(self._in_parameter, value, torch.zeros((), dtype=value.dtype, device=value.device))
-        return value.sum(dtype=dtype)
+        """Sum of a full-size value over the bucket's parameters (a global block's partial sum): 0-d."""
+        return (self._without_padding(value) if self.tile > 1 else value).sum(dtype=dtype)
 
     def expand(self, per_segment: torch.Tensor) -> torch.Tensor:
         """Broadcast one value per parameter back over the value layout (a number is computed :meth:`once`)."""
@@ -183,6 +182,10 @@ class BlockContext:
     def _untiled(self, what: str) -> None:
         if self.tile > 1:
             raise RuntimeError(f"{what}: a tiled bucket has no per-shape views (only blocks that sum per parameter run in one)")
+
+    def _without_padding(self, value: torch.Tensor) -> torch.Tensor:
+        """A full-size value with zeros in the padding, whatever the padding held (inf and NaN included)."""
+        return torch.where(self._in_parameter, value, torch.zeros((), dtype=value.dtype, device=value.device))
 
     def _tile_owners(self) -> torch.Tensor:
         """Which parameter each tile belongs to: ``[tiles]`` indices."""

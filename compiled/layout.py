@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 
 __all__ = [
-    "Segment", "Run", "FlatBuffers", "shape_runs", "group_by_shape", "run_of", "value_shape", "choose_tile", "TILE_SIZES", "TILED_DEVICE_TYPES",
-    "tiles_of",
+    "Segment", "Run", "FlatBuffers", "shape_runs", "group_by_shape", "run_of", "value_shape",
+    "choose_tile", "tiles_of", "TILE_SIZES", "TILED_DEVICE_TYPES",
 ]
 
 #: Tile lengths a bucket of many shapes may be laid out in, largest first (see :func:`choose_tile`).
@@ -113,13 +113,14 @@ def plan_segments(shapes: Sequence[torch.Size], tile: int = 1) -> tuple[Segment,
 
 
 def choose_tile(shapes: Sequence[torch.Size]) -> int:
-    """The tile length of a bucket that sums over each of its parameters (``Program.tiled``).
+    """The tile length of a bucket that sums over each of its parameters (``Program.sums_per_tensor``).
 
     Such a bucket is stepped as a ``(tiles, tile)`` matrix whose every row lies inside one parameter: a
     per-parameter value then broadcasts over whole rows, a vector loop with one value per row, and all
     shapes share one loop nest (a bucket per shape compiled a nest per shape: LAMB over ResNet-50's 28
     shapes took 43 s). The largest tile whose padding adds at most 1/64 to the bucket; the step time hardly
-    depends on it (LAMB's arithmetic over ResNet-50 on a 2-core Xeon: 44, 39 and 44 ms at 128, 1024 and 8192).
+    depends on it (a prototype of LAMB's arithmetic over ResNet-50, one thread of a 2-core Xeon: 44, 39 and
+    44 ms at 128, 1024 and 8192).
     """
     numel = sum(torch.Size(s).numel() for s in shapes)
     for tile in TILE_SIZES:
