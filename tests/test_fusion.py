@@ -83,3 +83,27 @@ def test_per_tensor_work_gets_a_bucket_per_shape_and_elementwise_work_one_bucket
         assert sorted(per_tensor) == [[s] for s in shapes], spec
     for spec in ("adamw", "scsadamw", "coba", "lamb"):  # elementwise; a global norm; per-tensor sums
         assert list(_bucket_shapes(spec).values()) == [[everything]], spec
+
+
+def test_once_gives_the_value_itself_in_every_shape_and_realises_a_row_value_in_its_own_kernel():
+    """`once` only changes where a small value is computed: the same numbers (NaN kept) for a 0-d value, a
+    value per tensor or row, and an empty one. Compiled, a per-row square root is taken in a kernel of its
+    own, not once per vector of the loop that reads it."""
+    from torch._inductor.utils import run_and_get_code
+
+    from opdsl.compiled.context import BlockContext
+
+    for shape in [(), (5,), (2, 3, 1), (0,)]:
+        value = torch.randn(shape, dtype=torch.float64)
+        if value.numel():
+            value.view(-1)[0] = float("nan")
+        assert torch.equal(BlockContext.once(value).nan_to_num(7.0), value.nan_to_num(7.0)) and BlockContext.once(value).shape == value.shape
+
+    def scaled(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return x * BlockContext.once(rows.sqrt() + 1).reshape(-1, 1)
+
+    x, rows = torch.randn(64, 256), torch.rand(64)
+    out, (code,) = run_and_get_code(torch.compile(scaled), x, rows)
+    assert torch.equal(out, scaled(x, rows))
+    consumer = code[code.index("x1<static_cast<int64_t>(256L)") : code.index("def call")]  # the loop over x's rows
+    assert "sqrt" in code and "sqrt" not in consumer, code
