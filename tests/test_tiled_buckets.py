@@ -149,3 +149,46 @@ def test_a_tiled_bucket_steps_as_a_bucket_per_shape_does(spec, monkeypatch):
             loss_of(model, "transformer", step, torch.float64).backward()
             opt.step()
     assert max_rel_diff(tiled_model, split_model) < 1e-13
+
+
+SWITCHED = opdsl.load_spec("lamb-switched.yaml", text="""\
+opdsl: 1
+name: lamb-switched
+hyper: {lr: 1.0e-2, betas: [0.9, 0.999], eps: 1.0e-6, weight_decay: 1.0e-2, trust: 1}
+nodes:
+  m:     {block: ema, input: grad, beta: "$betas[0]"}
+  mhat:  {block: bias-correction, input: m, beta: "$betas[0]"}
+  adam:  {block: preconditioned-norm, rule: adam, input: mhat, stats: grad, beta: "$betas[1]", eps: $eps}
+  u:     {block: decoupled-decay, input: adam, weight_decay: $weight_decay}
+  ratio: {block: map, input: u, with: {p: param}, if: "$trust != 0",
+          expr: "x * where(tensor_norm(p) > 0 and tensor_norm(x) > 0, tensor_norm(p) / tensor_norm(x), 1)"}
+output: ratio
+""")
+
+
+def test_a_replan_between_tiled_and_flat_buckets_keeps_parameters_and_state(monkeypatch):
+    """Switching the trust ratio off re-plans the group into a flat bucket and back into a tiled one: the
+    parameters move between buffers with their Adam state, as they do between buckets per shape."""
+    tiled_model = make_model("transformer", torch.float64)
+    split_model = copy.deepcopy(tiled_model)
+    tiled = opdsl.Optimizer(tiled_model.parameters(), SWITCHED, compile=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(opdsl.plan, "TILED_DEVICE_TYPES", frozenset())
+        split = opdsl.Optimizer(split_model.parameters(), SWITCHED, compile=False)
+    layouts = []
+    for step in range(12):
+        for model, opt in ((tiled_model, tiled), (split_model, split)):
+            opt.param_groups[0]["trust"] = 0 if 4 <= step < 8 else 1
+            opt.zero_grad()
+            loss_of(model, "transformer", step, torch.float64).backward()
+            with monkeypatch.context() as patch:  # the split optimizer re-plans into buckets per shape
+                if opt is split:
+                    patch.setattr(opdsl.plan, "TILED_DEVICE_TYPES", frozenset())
+                opt.step()
+        layouts.append(tuple(b.flat.tile > 1 for b in tiled._buckets))
+    assert all(b.flat.tile == 1 for b in split._buckets) and len(split._buckets) > 1
+    assert layouts[3] == (True,) and layouts[4] == (False,) and layouts[8] == (True,)
+    assert max_rel_diff(tiled_model, split_model) < 1e-13
+    for a, b in zip(tiled_model.parameters(), split_model.parameters()):
+        assert set(tiled.state[a]) == set(split.state[b]) == {"step", "m.value", "adam.v"}
+        assert torch.allclose(tiled.state[a]["adam.v"], split.state[b]["adam.v"], rtol=1e-13, atol=0)
