@@ -94,9 +94,14 @@ class Block(BaseModel):
     - ``CARRIES_NONFINITE``: a port whose inf and NaN elements surely reach the output at the same
       position when every other operand is finite (``x + wd * param``). A finiteness witness offered
       on the output (``BlockContext.witness``) then also vouches for what that port read.
-    - ``SUMS_PER_TENSOR``: the block's per-tensor work (scope TENSOR) is only sums over each parameter
-      broadcast back (``ctx.segment_sum``, ``ctx.expand``), never a view in the parameter's shape. Such a
-      block runs in one tiled bucket for all shapes instead of a bucket per shape (:meth:`splits_by_shape`).
+    - ``SUMS_PER_TENSOR``: the block's per-tensor work (scope TENSOR) is only sums over each parameter and
+      numbers per parameter broadcast back (``ctx.segment_sum``, ``ctx.expand``, ``ctx.per_parameter``),
+      never a view in the parameter's shape. Such a block runs in one tiled bucket for all shapes instead
+      of a bucket per shape (:meth:`splits_by_shape`).
+    - ``TILED_RUNS``: the block's per-tensor work is batched matrix work on ``ctx.run_views`` whose result
+      comes back through ``ctx.concat``, and takes far longer than one more pass over its result. It runs
+      in a tiled bucket too: there the views step over the padding and ``concat`` is one copy into the
+      tiles, so the elementwise work before and after it is one loop whatever the number of shapes.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, arbitrary_types_allowed=True)
@@ -117,6 +122,7 @@ class Block(BaseModel):
     TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ()  # fields holding an expression over tensors, not a scalar
     CARRIES_NONFINITE: ClassVar[str | None] = None
     SUMS_PER_TENSOR: ClassVar[bool] = False
+    TILED_RUNS: ClassVar[bool] = False
 
     # ---- declarations -------------------------------------------------------------------------------
     def scope(self) -> Scope:
@@ -129,10 +135,11 @@ class Block(BaseModel):
         In a bucket of several shapes such a block computes one piece per shape, and the pieces are
         concatenated into a full-size temporary before the next elementwise block reads them; inductor's CPU
         backend writes that concatenation out. In a one-shape bucket the piece is the value. Elementwise and
-        global work share one bucket across shapes, and so do sums per tensor (``SUMS_PER_TENSOR``), in a
-        tiled bucket.
+        global work share one bucket across shapes, and so do sums per tensor (``SUMS_PER_TENSOR``) and
+        batched matrix work (``TILED_RUNS``), in a tiled bucket.
         """
-        return self.scope() is Scope.SUBSET or (self.scope() is Scope.TENSOR and not self.SUMS_PER_TENSOR)
+        tiled = self.SUMS_PER_TENSOR or self.TILED_RUNS
+        return self.scope() is Scope.SUBSET or (self.scope() is Scope.TENSOR and not tiled)
 
     def state_specs(self) -> dict[str, StateSpec]:
         return {}

@@ -10,7 +10,7 @@ shape rules for a matrix of ``rows x cols`` (the first two dims; Muon and its va
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -26,6 +26,8 @@ SHAPE_RULES = {
 
 class LRScale(Block):
     """factor * shape_factor * x."""
+
+    SUMS_PER_TENSOR: ClassVar[bool] = True  # its per-tensor work is a number per tensor, broadcast back
 
     block: Literal["lr-scale"]
     input: Ref
@@ -44,11 +46,12 @@ class LRScale(Block):
         out = x["input"]
         if self.shape_rule != "none":
             rule = SHAPE_RULES[self.shape_rule]
-            factors = [rule(r.shape[0], r.shape[1]) for r in ctx.runs]
+            factors = [rule(s.shape[0], s.shape[1]) for s in ctx.segments]
             if len(set(factors)) == 1:
                 out = out * factors[0]
             else:
-                out = ctx.concat([v * f for v, f in zip(ctx.run_views(out), factors)])
+                per_segment = torch.tensor(factors, dtype=out.dtype, device=out.device)
+                out = ctx.per_parameter(torch.mul, out, per_segment)
         factor = ctx.value(self.factor)
         if not (isinstance(factor, float) and factor == 1.0):
             out = out * as_weight(factor, out)

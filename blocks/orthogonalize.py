@@ -12,7 +12,7 @@ iteration, so a transformer's many same-shape weights cost a few large matmuls.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, FiniteFloat
@@ -25,7 +25,17 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 def newton_schulz(
     g: torch.Tensor, steps: int, coefficients: tuple[float, float, float], eps: float, normalize: str
 ) -> torch.Tensor:
-    """Batched NS over a stack of matrices ``g`` of shape [k, rows, cols] (already in compute dtype).
+    """Batched NS over a stack of matrices ``g`` of shape [k, rows, cols] (already in compute dtype)."""
+    norm = torch.linalg.vector_norm(g, dim=(-2, -1), keepdim=True)
+    return newton_schulz_iterations(g / _denominator(norm, eps, normalize), steps, coefficients)
+
+
+def _denominator(norm: torch.Tensor, eps: float, normalize: str) -> torch.Tensor:
+    return norm.clamp(min=eps) if normalize == "clamp" else norm + eps
+
+
+def newton_schulz_iterations(x: torch.Tensor, steps: int, coefficients: tuple[float, float, float]) -> torch.Tensor:
+    """The iterations over a stack of normalized matrices ``x`` of shape [k, rows, cols].
 
     The Gram matrix is taken on the short side: for a tall X (rows > cols), A = X^T X and
     X <- a X + X (b A + c A^2), which is the iteration on X^T transposed back (B = b A + c A^2 is symmetric)
@@ -33,9 +43,7 @@ def newton_schulz(
     per element, fused with the cast back to the parameters' dtype.
     """
     a, b, c = coefficients
-    tall = g.size(-2) > g.size(-1)
-    norm = torch.linalg.vector_norm(g, dim=(-2, -1), keepdim=True)
-    x = g / (norm.clamp(min=eps) if normalize == "clamp" else norm + eps)
+    tall = x.size(-2) > x.size(-1)
     # One matrix: addmm, as torch.optim.Muon calls it (for a wide matrix the same calls, so bf16 rounds alike).
     single = x.size(0) == 1
     if single:
@@ -53,6 +61,8 @@ def newton_schulz(
 
 class Orthogonalize(Block):
     """Newton-Schulz orthogonalization per matrix."""
+
+    TILED_RUNS: ClassVar[bool] = True  # matmuls on run views: many shapes share one bucket
 
     block: Literal["orthogonalize"]
     input: Ref
@@ -73,8 +83,13 @@ class Orthogonalize(Block):
     def forward(self, ctx, x, state, totals=None):
         flat = x["input"]
         dtype = flat.dtype if self.dtype == "input" else _DTYPES[self.dtype]
+        g = flat.to(dtype)
+        # Each matrix's Frobenius norm, summed in at least float32 and rounded to the compute dtype as
+        # torch's norm of a bfloat16 matrix is; then every matrix is normalized in one loop over the bucket.
+        squares = g.to(torch.promote_types(dtype, torch.float32)).square()
+        norm = ctx.segment_sum(squares).sqrt().to(dtype)
+        normalized = ctx.per_parameter(torch.div, g, _denominator(norm, self.eps, self.normalize))
         out = []
-        for run, batch in zip(ctx.runs, ctx.run_views(flat)):  # equal shapes are one batched NS
-            matrices = batch.reshape(run.count, run.shape[0], -1).to(dtype)
-            out.append(newton_schulz(matrices, self.steps, self.coefficients, self.eps, self.normalize).to(flat.dtype))
-        return ctx.concat(out), {}
+        for run, batch in zip(ctx.runs, ctx.run_views(normalized)):  # equal shapes are one batched NS
+            out.append(newton_schulz_iterations(batch.reshape(run.count, run.shape[0], -1), self.steps, self.coefficients))
+        return ctx.concat(out).to(flat.dtype), {}

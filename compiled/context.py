@@ -10,7 +10,7 @@ per-parameter values back over the layout). Everything here is traceable by torc
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch._inductor.config as inductor_config
@@ -124,22 +124,32 @@ class BlockContext:
         return [s.shape for s in self.segments]
 
     def concat(self, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Inverse of :meth:`run_views`: one full-size value from per-run pieces in buffer order."""
-        self._untiled("concat")
+        """Inverse of :meth:`run_views`: one full-size value from per-run pieces in buffer order.
+
+        Tiled, the pieces are copied into the tiles by one operator (``layout.into_tiles``), whatever the
+        number of shapes; cast them after this, not before, so that the cast is not a loop per shape.
+        """
+        if self.tile > 1:
+            return torch.ops.opdsl.into_tiles(list(pieces), self.tile)
         if len(pieces) == 1:
             return pieces[0].reshape(self.value_shape)
         return torch.cat([p.reshape(-1) for p in pieces])
 
-    def run_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """One ``(count, *shape)`` view per run of equal-shaped parameters: batched per-tensor work.
+    def run_views(self, value: torch.Tensor) -> list[torch.Tensor]:
+        """One ``(count, *shape)`` view per run of equal-shaped parameters, to read: batched per-tensor work.
 
         Parameters of one shape sit back to back in a bucket (see ``layout.group_by_shape``), so a model's
         hundred tensors are a handful of runs: per-tensor operations compile to a few batched kernels.
+        Tiled, a run's parameters are a tile multiple apart, and the pieces are copies without the padding
+        (``layout.from_tiles``), so that the value is computed once for every shape.
         """
-        self._untiled("run_views")
+        if self.tile > 1:
+            counts, numels = [r.count for r in self.runs], [r.shape.numel() for r in self.runs]
+            pieces = torch.ops.opdsl.from_tiles(value, self.tile, counts, numels)
+            return [piece.view(r.count, *r.shape) for piece, r in zip(pieces, self.runs)]
         if len(self.runs) == 1:
-            return [flat.view(value_shape(self.runs, self.numel))]
-        return [flat[r.offset : r.end].view(r.count, *r.shape) for r in self.runs]
+            return [value.view(value_shape(self.runs, self.numel))]
+        return [value[r.offset : r.end].view(r.count, *r.shape) for r in self.runs]
 
     def run_slices(self, per_segment: Sequence[Any]) -> list[Any]:
         """A per-parameter sequence (or ``[n_params]`` tensor) cut into per-run pieces."""
@@ -178,11 +188,21 @@ class BlockContext:
         ]
         return self.concat(pieces)
 
-    # ---- a tiled bucket's index -----------------------------------------------------------------------
-    def _untiled(self, what: str) -> None:
-        if self.tile > 1:
-            raise RuntimeError(f"{what}: a tiled bucket has no per-shape views (only blocks that sum per parameter run in one)")
+    def per_parameter(self, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], value: torch.Tensor,
+                      per_segment: torch.Tensor) -> torch.Tensor:
+        """``op(slice, number)`` for each parameter's slice of a full-size value and that parameter's number
+        (``per_segment``, one per parameter): ``value * factor``, ``value / norm``.
 
+        One loop over the bucket in every layout: tiled or shaped, :meth:`expand` gives a number per row;
+        flat with one shape, each parameter is a row of a ``(count, numel)`` view, where :meth:`expand` would
+        index a table per element.
+        """
+        if self.tile == 1 and len(self.runs) == 1 and len(self.value_shape) == 1 and len(self.segments) > 1:
+            count = self.runs[0].count
+            return op(value.view(count, -1), self.once(per_segment).view(count, 1)).view(self.value_shape)
+        return op(value, self.expand(per_segment))
+
+    # ---- a tiled bucket's index -----------------------------------------------------------------------
     def _without_padding(self, value: torch.Tensor) -> torch.Tensor:
         """A full-size value with zeros in the padding, whatever the padding held (inf and NaN included)."""
         return torch.where(self._in_parameter, value, torch.zeros((), dtype=value.dtype, device=value.device))

@@ -10,6 +10,7 @@ its last tile is padded with elements no parameter views (:func:`choose_tile`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,7 +18,7 @@ import torch
 
 __all__ = [
     "Segment", "Run", "FlatBuffers", "shape_runs", "group_by_shape", "run_of", "value_shape",
-    "choose_tile", "tiles_of", "TILE_SIZES", "TILED_DEVICE_TYPES",
+    "choose_tile", "tiles_of", "into_tiles", "from_tiles", "TILE_SIZES", "TILED_DEVICE_TYPES",
 ]
 
 #: Tile lengths a bucket of many shapes may be laid out in, largest first (see :func:`choose_tile`).
@@ -113,7 +114,7 @@ def plan_segments(shapes: Sequence[torch.Size], tile: int = 1) -> tuple[Segment,
 
 
 def choose_tile(shapes: Sequence[torch.Size]) -> int:
-    """The tile length of a bucket that sums over each of its parameters (``Program.sums_per_tensor``).
+    """The tile length of a bucket whose per-tensor work runs tiled (``Program.tiles_shapes``).
 
     Such a bucket is stepped as a ``(tiles, tile)`` matrix whose every row lies inside one parameter: a
     per-parameter value then broadcasts over whole rows, a vector loop with one value per row, and all
@@ -128,6 +129,63 @@ def choose_tile(shapes: Sequence[torch.Size]) -> int:
         if (padded - numel) * 64 <= numel:
             return tile
     return TILE_SIZES[-1]
+
+
+def into_tiles(pieces: Sequence[torch.Tensor], tile: int) -> torch.Tensor:
+    """Per-run pieces ``(count, *shape)`` laid out as a ``(tiles, tile)`` bucket: each parameter from a tile
+    boundary, its last tile padded with zeros. The inverse of a tiled bucket's run views.
+
+    Called as ``torch.ops.opdsl.into_tiles``, an operator opaque to torch.compile: written out by inductor,
+    the copies were a loop per shape, and every loop a C++ kernel to build (a g++ call of about 1.4 s on
+    the 2-core Xeon), where this is one call whatever the number of shapes.
+    """
+    out = pieces[0].new_empty(_tiles_of_pieces(pieces, tile), tile)
+    row = 0
+    for piece in pieces:
+        count, numel = piece.shape[0], math.prod(piece.shape[1:])
+        span = tiles_of(numel, tile)
+        block = out[row : row + count * span].view(count, span * tile)
+        block[:, :numel].copy_(piece.reshape(count, numel))
+        block[:, numel:].zero_()
+        row += count * span
+    return out
+
+
+def from_tiles(tiles: torch.Tensor, tile: int, counts: Sequence[int], numels: Sequence[int]) -> list[torch.Tensor]:
+    """The runs of a ``(tiles, tile)`` bucket as contiguous ``(count, numel)`` copies, padding left out: the
+    inverse of :func:`into_tiles` (runs back to back from the first tile, ``count`` parameters of
+    ``numel`` elements each).
+
+    Called as ``torch.ops.opdsl.from_tiles``, opaque to torch.compile, so that ``tiles`` is computed once
+    as one loop over the bucket: a strided view per run let inductor compute every run's slice in a loop
+    of its own, a C++ kernel per shape again.
+    """
+    out, row = [], 0
+    for count, numel in zip(counts, numels):
+        span = tiles_of(numel, tile)
+        block = tiles[row : row + count * span].view(count, span * tile)
+        out.append(block[:, :numel].clone(memory_format=torch.contiguous_format))
+        row += count * span
+    return out
+
+
+def _tiles_of_pieces(pieces: Sequence[torch.Tensor], tile: int) -> int:
+    return sum(p.shape[0] * tiles_of(math.prod(p.shape[1:]), tile) for p in pieces)
+
+
+_LIBRARY = torch.library.Library("opdsl", "FRAGMENT")
+_LIBRARY.define("into_tiles(Tensor[] pieces, int tile) -> Tensor")
+_LIBRARY.impl("into_tiles", into_tiles, "CompositeExplicitAutograd")
+_LIBRARY.define("from_tiles(Tensor tiles, int tile, int[] counts, int[] numels) -> Tensor[]")
+_LIBRARY.impl("from_tiles", from_tiles, "CompositeExplicitAutograd")
+torch.library.register_fake(
+    "opdsl::into_tiles", lambda pieces, tile: pieces[0].new_empty(_tiles_of_pieces(pieces, tile), tile), lib=_LIBRARY
+)
+torch.library.register_fake(
+    "opdsl::from_tiles",
+    lambda tiles, tile, counts, numels: [tiles.new_empty(c, n) for c, n in zip(counts, numels)],
+    lib=_LIBRARY,
+)
 
 
 class FlatBuffers:

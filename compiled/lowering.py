@@ -85,9 +85,10 @@ class Program:
         return any(s.block.scope() is Scope.SUBSET for s in self.steps)
 
     @property
-    def sums_per_tensor(self) -> bool:
-        """Whether the graph's only per-tensor work is sums over each parameter (``Block.SUMS_PER_TENSOR``):
-        then one tiled bucket can hold every shape (``layout.choose_tile``)."""
+    def tiles_shapes(self) -> bool:
+        """Whether the graph has per-tensor work and all of it can run in a tiled bucket
+        (``Block.SUMS_PER_TENSOR``, ``Block.TILED_RUNS``): then one bucket holds every shape
+        (``layout.choose_tile``)."""
         return any(s.block.scope() is Scope.TENSOR for s in self.steps) and not any(
             s.block.splits_by_shape() for s in self.steps
         )

@@ -313,19 +313,19 @@ def build_buckets(
         # A program with per-subset work or per-tensor work in the parameter's shape (Block.splits_by_shape)
         # gets one bucket per shape: its batched operations then read plain (count, *shape) views of whole
         # buffers, and no per-shape result is concatenated into a full-size temporary. A program whose
-        # per-tensor work is sums keeps every shape in one tiled buffer, where the device can sum it; other
-        # programs keep every shape in one flat buffer.
+        # per-tensor work is sums or batched matrix work keeps every shape in one tiled buffer, where the
+        # device can sum it; other programs keep every shape in one flat buffer.
         per_shape = any(s.block.splits_by_shape() for s in program.steps)
-        sums = program.sums_per_tensor
+        tiles = program.tiles_shapes
         by_key: dict[tuple, list[torch.nn.Parameter]] = {}
         position = {id(p): k for k, p in enumerate(group["params"])}
         counters: dict[torch.device, torch.Tensor] = {}
         for p in group["params"]:
-            split = per_shape or (sums and p.device.type not in TILED_DEVICE_TYPES)
+            split = per_shape or (tiles and p.device.type not in TILED_DEVICE_TYPES)
             by_key.setdefault((p.device, p.dtype, p.shape if split else None), []).append(p)
         for (device, _dtype, _shape), params in by_key.items():
             params = group_by_shape(params)
-            tiled = sums and len({p.shape for p in params}) > 1  # one shape: its (count, *shape) views serve
+            tiled = tiles and len({p.shape for p in params}) > 1  # one shape: its (count, *shape) views serve
             tile = choose_tile([p.shape for p in params]) if tiled else 1
             flat = reusable.get((tuple(map(id, params)), tile)) or FlatBuffers(params, tile)
             state = {key: _init_state(s, flat) for key, s in program.state_specs.items()}
