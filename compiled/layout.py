@@ -163,7 +163,7 @@ def from_tiles(tiles: torch.Tensor, tile: int, counts: Sequence[int], numels: Se
     out, row = [], 0
     for count, numel in zip(counts, numels):
         span = tiles_of(numel, tile)
-        block = tiles[row : row + count * span].view(count, span * tile)
+        block = tiles[row : row + count * span].reshape(count, span * tile)
         out.append(block[:, :numel].clone(memory_format=torch.contiguous_format))
         row += count * span
     return out
