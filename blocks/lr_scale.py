@@ -50,7 +50,7 @@ class LRScale(Block):
             if len(set(factors)) == 1:
                 out = out * factors[0]
             else:
-                per_segment = torch.tensor(factors, dtype=out.dtype, device=out.device)
+                per_segment = ctx.table(factors, out.dtype)
                 out = ctx.per_parameter(torch.mul, out, per_segment)
         factor = ctx.value(self.factor)
         if not (isinstance(factor, float) and factor == 1.0):

@@ -214,6 +214,6 @@ def _per_tensor(ctx, name: str, value: Any) -> torch.Tensor:
         return ctx.expand(ctx.segment_sum(value * value).sqrt())
     total = ctx.segment_sum(value)
     if name == "tensor_mean":
-        total = total / torch.tensor([s.numel for s in ctx.segments], dtype=total.dtype, device=total.device)
+        total = total / ctx.table([s.numel for s in ctx.segments], total.dtype)
     return ctx.expand(total)
 

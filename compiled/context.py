@@ -48,7 +48,7 @@ class BlockContext:
         if tile > 1:  # made from the static layout: constants of the compiled step
             self._owner = self._tile_owners()
             self._in_parameter = self._parameter_mask()
-            self._tiles_per_parameter = torch.tensor([tiles_of(s.numel, tile) for s in self.segments], device=param.device)
+            self._tiles_per_parameter = self.table([tiles_of(s.numel, tile) for s in self.segments], torch.long)
         # Each segment's parameter index in its param group: a key that does not depend on how parameters
         # are bucketed.
         self.positions = tuple(positions)
@@ -119,6 +119,14 @@ class BlockContext:
             self.witnesses[source] = list(sums)
 
     # ---- layout-aware operations --------------------------------------------------------------------
+    def table(self, values: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+        """A small table of numbers from the static layout (one per parameter, say) on the bucket's device.
+
+        Made on the host and sent without blocking: ``torch.tensor(values, device=...)`` copies with a
+        stream sync, which the eager step would pay on a GPU every step (compiled, the table is a constant).
+        """
+        return torch.tensor(values, dtype=dtype).to(self.param.device, non_blocking=True)
+
     @property
     def shapes(self) -> list[torch.Size]:
         return [s.shape for s in self.segments]
@@ -209,9 +217,8 @@ class BlockContext:
 
     def _tile_owners(self) -> torch.Tensor:
         """Which parameter each tile belongs to: ``[tiles]`` indices."""
-        device = self.param.device
-        starts = torch.tensor([s.offset // self.tile for s in self.segments[1:]], dtype=torch.long, device=device)
-        rows = torch.arange(self.numel // self.tile, device=device)
+        starts = self.table([s.offset // self.tile for s in self.segments[1:]], torch.long)
+        rows = torch.arange(self.numel // self.tile, device=self.param.device)
         return torch.bucketize(rows, starts, right=True)  # an empty parameter shares its start with the next
 
     def _parameter_mask(self) -> torch.Tensor:
@@ -219,7 +226,7 @@ class BlockContext:
         device = self.param.device
         # int32 where the offsets fit: the comparison is then as wide as the float32 vectors it masks
         index = torch.int32 if self.numel < 2**31 else torch.int64
-        ends = torch.tensor([s.end for s in self.segments], dtype=index, device=device)
+        ends = self.table([s.end for s in self.segments], index)
         row_start = torch.arange(0, self.numel, self.tile, dtype=index, device=device)
         limit = self.once(ends[self._owner] - row_start).reshape(-1, 1)  # a row's leading elements that are a parameter's
         return torch.arange(self.tile, dtype=index, device=device) < limit

@@ -134,7 +134,7 @@ def _where(condition: Any, a: Any, b: Any, dtype: torch.dtype | None = None) -> 
         condition = torch.as_tensor(bool(condition))
     if not isinstance(a, Tensor) and not isinstance(b, Tensor):
         kind = _number_type(condition, dtype)
-        a, b = (torch.tensor(v, dtype=kind, device=condition.device) for v in (a, b))
+        a, b = (torch.full((), v, dtype=kind, device=condition.device) for v in (a, b))  # a fill, not a copy
     return torch.where(condition.bool(), a, b)
 
 
