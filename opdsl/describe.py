@@ -58,4 +58,17 @@ def describe_optimizer(opt: "Optimizer") -> str:
     out += ["", line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
     per_param = total_state / max(total_params, 1)
     out.append(f"\nstate: {format_bytes(total_state)} in total, {per_param:.2f} bytes per parameter value")
+    out.append("buffers (docs/design.md, \"bucket\"):")
+    out += [f"  {_bucket_line(b)}" for b in opt._buckets]
     return "\n".join(out)
+
+
+def _bucket_line(bucket) -> str:
+    """How one bucket lays out its parameters: one flat buffer, or tiles with their padding."""
+    flat = bucket.flat
+    shapes = len({p.shape for p in flat.params})
+    where = f"group {bucket.group_index} graph {bucket.graph}: {len(flat.params)} parameters of {shapes} shape(s)"
+    if flat.tile == 1:
+        return f"{where}, one flat buffer"
+    padding = flat.numel - sum(p.numel() for p in flat.params)
+    return f"{where}, tiled by {flat.tile} ({padding:,} padding values, {padding / flat.numel:.1%})"

@@ -242,6 +242,9 @@ def test_describe_lists_every_parameter_graph_rule_and_state():
         assert name in text
     assert "groups[0] (adamw for biases and gains): ndim in [0, 1]" in text
     assert "state:" in text
+    # the matrices' four shapes share one tiled buffer, the vectors one flat buffer
+    assert re.search(r"group 0 graph main: 8 parameters of 4 shape\(s\), tiled by \d+ \([\d,]+ padding values", text), text
+    assert "graph adamw" in text and "one flat buffer" in text
 
 
 def test_adamw_keeps_eight_bytes_per_parameter():
