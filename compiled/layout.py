@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -139,15 +139,11 @@ def into_tiles(pieces: Sequence[torch.Tensor], tile: int) -> torch.Tensor:
     the copies were a loop per shape, and every loop a C++ kernel to build (a g++ call of about 1.4 s on
     the 2-core Xeon), where this is one call whatever the number of shapes.
     """
-    out = pieces[0].new_empty(_tiles_of_pieces(pieces, tile), tile)
-    row = 0
-    for piece in pieces:
-        count, numel = piece.shape[0], math.prod(piece.shape[1:])
-        span = tiles_of(numel, tile)
-        block = out[row : row + count * span].view(count, span * tile)
-        block[:, :numel].copy_(piece.reshape(count, numel))
+    counts, numels = _runs_of_pieces(pieces)
+    out = pieces[0].new_empty(_tiles_of_runs(counts, numels, tile), tile)
+    for (block, numel), piece in zip(_run_blocks(out, tile, counts, numels), pieces):
+        block[:, :numel].copy_(piece.reshape(block.shape[0], numel))
         block[:, numel:].zero_()
-        row += count * span
     return out
 
 
@@ -160,17 +156,30 @@ def from_tiles(tiles: torch.Tensor, tile: int, counts: Sequence[int], numels: Se
     as one loop over the bucket: a strided view per run let inductor compute every run's slice in a loop
     of its own, a C++ kernel per shape again.
     """
-    out, row = [], 0
+    return [
+        block[:, :numel].clone(memory_format=torch.contiguous_format)
+        for block, numel in _run_blocks(tiles, tile, counts, numels)
+    ]
+
+
+def _run_blocks(
+    tiles: torch.Tensor, tile: int, counts: Sequence[int], numels: Sequence[int]
+) -> Iterator[tuple[torch.Tensor, int]]:
+    """Each run's rows of a ``(tiles, tile)`` tensor as ``(count, padded numel)``, with the run's numel (a
+    view where ``tiles`` is contiguous, as a buffer written through it is)."""
+    row = 0
     for count, numel in zip(counts, numels):
         span = tiles_of(numel, tile)
-        block = tiles[row : row + count * span].reshape(count, span * tile)
-        out.append(block[:, :numel].clone(memory_format=torch.contiguous_format))
+        yield tiles[row : row + count * span].reshape(count, span * tile), numel
         row += count * span
-    return out
 
 
-def _tiles_of_pieces(pieces: Sequence[torch.Tensor], tile: int) -> int:
-    return sum(p.shape[0] * tiles_of(math.prod(p.shape[1:]), tile) for p in pieces)
+def _runs_of_pieces(pieces: Sequence[torch.Tensor]) -> tuple[list[int], list[int]]:
+    return [p.shape[0] for p in pieces], [math.prod(p.shape[1:]) for p in pieces]
+
+
+def _tiles_of_runs(counts: Sequence[int], numels: Sequence[int], tile: int) -> int:
+    return sum(count * tiles_of(numel, tile) for count, numel in zip(counts, numels))
 
 
 _LIBRARY = torch.library.Library("opdsl", "FRAGMENT")
@@ -179,7 +188,9 @@ _LIBRARY.impl("into_tiles", into_tiles, "CompositeExplicitAutograd")
 _LIBRARY.define("from_tiles(Tensor tiles, int tile, int[] counts, int[] numels) -> Tensor[]")
 _LIBRARY.impl("from_tiles", from_tiles, "CompositeExplicitAutograd")
 torch.library.register_fake(
-    "opdsl::into_tiles", lambda pieces, tile: pieces[0].new_empty(_tiles_of_pieces(pieces, tile), tile), lib=_LIBRARY
+    "opdsl::into_tiles",
+    lambda pieces, tile: pieces[0].new_empty(_tiles_of_runs(*_runs_of_pieces(pieces), tile), tile),
+    lib=_LIBRARY,
 )
 torch.library.register_fake(
     "opdsl::from_tiles",
