@@ -260,3 +260,6 @@ def test_newton_schulz_over_eight_shapes_compiles_a_few_kernels_not_one_per_shap
     assert matrices.flat.tile > 1 and len(matrices.flat.runs) == 8
     _, (code,) = run_and_get_code(opt.step)
     assert code.count("async_compile.cpp_pybinding") <= 4, code
+    # each shape's iterations are one call of the opaque operator, not three traced matmuls per iteration
+    assert code.count("torch.ops.opdsl.newton_schulz.default(") == 8, code
+    assert "addmm" not in code and "bmm" not in code, code
