@@ -59,25 +59,18 @@ def newton_schulz_iterations(x: torch.Tensor, steps: int, coefficients: tuple[fl
     return x.unsqueeze(0) if single else x
 
 
-def _iterations_operator(x: torch.Tensor, steps: int, a: float, b: float, c: float) -> torch.Tensor:
-    """:func:`newton_schulz_iterations` as the operator ``torch.ops.opdsl.newton_schulz``, opaque to torch.compile.
-
-    Compiled, the iterations are matmuls inductor hands to the BLAS anyway (``baddbmm`` takes the
-    multiply-adds as its ``beta`` and ``alpha``), but it traced, planned and wrote wrapper code for each of
-    them: three calls per iteration, per matrix shape and per step of the loop (630 for MuAdam on
-    ResNet-50's 21 shapes), most of MuAdam's compile time. Behind the operator each shape is one call; the
-    kernels that run are the same.
-    """
-    return newton_schulz_iterations(x, steps, (a, b, c))
-
-
-# Registered through torch.library.Library, as opdsl's other operators (a lower fixed cost per call than
-# the @custom_op decorator's Python wrapper).
+# The iterations as the operator ``torch.ops.opdsl.newton_schulz``, opaque to torch.compile. Compiled, they
+# are matmuls inductor hands to the BLAS anyway (``baddbmm`` takes the multiply-adds as its ``beta`` and
+# ``alpha``), but it traced, planned and wrote wrapper code for each of them: three calls per iteration, per
+# matrix shape and per step of the loop (630 for MuAdam on ResNet-50's 21 shapes), most of MuAdam's compile
+# time. Behind the operator each shape is one call; the kernels that run are the same. Registered through
+# torch.library.Library, as opdsl's other operators (a lower fixed cost per call than @custom_op's wrapper).
 _LIBRARY = torch.library.Library("opdsl", "FRAGMENT")
-_LIBRARY.define("newton_schulz(Tensor x, int steps, float a, float b, float c) -> Tensor")
-_LIBRARY.impl("newton_schulz", _iterations_operator, "CompositeExplicitAutograd")
+_LIBRARY.define("newton_schulz(Tensor x, int steps, float[] coefficients) -> Tensor")
+_LIBRARY.impl("newton_schulz", newton_schulz_iterations, "CompositeExplicitAutograd")
 torch.library.register_fake(
-    "opdsl::newton_schulz", lambda x, steps, a, b, c: torch.empty_like(x, memory_format=torch.contiguous_format), lib=_LIBRARY
+    "opdsl::newton_schulz", lambda x, steps, coefficients: torch.empty_like(x, memory_format=torch.contiguous_format),
+    lib=_LIBRARY,
 )
 
 
@@ -115,5 +108,5 @@ class Orthogonalize(Block):
         for run, batch in zip(ctx.runs, ctx.run_views(normalized)):  # equal shapes are one batched NS
             matrices = batch.reshape(run.count, run.shape[0], -1)
             # (an operator may not return its input: with no iteration the normalized matrices are the result)
-            out.append(torch.ops.opdsl.newton_schulz(matrices, self.steps, *self.coefficients) if self.steps else matrices)
+            out.append(torch.ops.opdsl.newton_schulz(matrices, self.steps, self.coefficients) if self.steps else matrices)
         return ctx.concat(out).to(flat.dtype), {}
