@@ -10,7 +10,10 @@ groups, devices and dtypes (the engine adds each bucket's partial sum before ``f
 step size for the whole model, as in the paper. ``span: tensor`` keeps one b per parameter tensor
 instead (a per-tensor AdaGrad-Norm: a variant, not the paper's method). The current gradient is included
 in b_t. The accumulator is kept in float64 (SCALAR state, one copy per bucket, identical across buckets
-when every group uses the same ``initial``).
+when every group uses the same ``initial``). With ``span: global`` the squares are formed in float32 (or
+the input's type, if wider) and summed into float64 256 at a time (``BlockContext.total``): ||s_t||^2
+carries about 1e-8 of relative error, and a gradient whose squares overflow float32 (entries from about
+1e18 in magnitude, where a partial sum of 256 squares can) skips the step under the default ``on_nonfinite``.
 """
 from __future__ import annotations
 
@@ -47,13 +50,16 @@ class GlobalNorm(Block):
         return {"b2": StateSpec(StateKind.TENSOR, shape=lambda shape: (1,), dtype=torch.float64)}
 
     @staticmethod
-    def _squares(s: torch.Tensor) -> torch.Tensor:
-        s = s.to(torch.float64)
+    def _squares(s: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        s = s.to(torch.promote_types(s.dtype, dtype))
         return s * s
 
     def reduce(self, ctx, x, state):
-        sq = ctx.total(self._squares(x["stats"]))
-        ctx.witness("stats", [sq])  # the finiteness check reads this sum instead of the gradient
+        # float32 squares, summed into float64 by ctx.total (partial sums first: converting every square
+        # to float64 made this pass arithmetic-bound on a CPU)
+        squares = self._squares(x["stats"], torch.float32)
+        sq = ctx.total(squares, dtype=torch.float64)
+        ctx.witness("stats", [sq], terms_dtype=squares.dtype)  # the finiteness check reads this sum, not the gradient
         return {"sq": sq}
 
     def _accumulated(self, ctx, previous: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,25 @@ import torch._inductor.config as inductor_config
 from opdsl.compiled.layout import Run, Segment, shape_runs, tiles_of, value_shape
 from opdsl.expr import Expr
 
-__all__ = ["BlockContext"]
+__all__ = ["BlockContext", "widened_sum", "PARTIAL_SUM_LENGTH"]
 
 _PLAIN_REFERENCE = re.compile(r"\s*\$\w+(\[\d+\])?\s*$")
 _UNROLLED_REDUCTIONS: int = inductor_config.unroll_reductions_threshold
+PARTIAL_SUM_LENGTH: int = 256  # terms per partial sum of widened_sum: 16 adds per lane of a 16-wide vector
+
+
+def widened_sum(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``value.sum(dtype=dtype)`` for a ``dtype`` wider than the value's, at the speed of a sum in the value's.
+
+    The terms are summed :data:`PARTIAL_SUM_LENGTH` at a time in the value's type (float32 for narrower
+    ones), then those partial sums in ``dtype``; a remainder shorter than one partial sum is summed in
+    ``dtype`` directly.
+    """
+    flat = value.reshape(-1)
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+    whole = flat.numel() - flat.numel() % PARTIAL_SUM_LENGTH
+    total = flat[:whole].view(-1, PARTIAL_SUM_LENGTH).sum(1).sum(dtype=dtype)
+    return total + flat[whole:].sum(dtype=dtype) if whole < flat.numel() else total
 
 
 class BlockContext:
@@ -176,8 +191,20 @@ class BlockContext:
         return torch.cat([v.reshape(v.shape[0], -1).sum(1) for v in self.run_views(flat)])
 
     def total(self, value: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Sum of a full-size value over the bucket's parameters (a global block's partial sum): 0-d."""
-        return (self._without_padding(value) if self.tile > 1 else value).sum(dtype=dtype)
+        """Sum of a full-size value over the bucket's parameters (a global block's partial sum): 0-d.
+
+        With ``dtype`` wider than the value's (float64 for float32 terms), the sum runs in two levels: each
+        run of :data:`PARTIAL_SUM_LENGTH` consecutive terms is summed in the value's type (float32 at least),
+        and those partial sums in ``dtype``. Widening every term instead made the reduction arithmetic-bound
+        on a CPU: float32 to float64 conversions and float64 adds ran at 2.5x the time of the pass's read.
+        A float32 partial sum of 256 terms errs by a few units in its last place, and the total carries
+        about 1e-8 of relative error where widening every term carried 1e-14, far under the float32
+        rounding of any parameter it scales.
+        """
+        value = self._without_padding(value) if self.tile > 1 else value
+        if dtype is None or not value.dtype.is_floating_point or dtype.itemsize <= value.dtype.itemsize:
+            return value.sum(dtype=dtype)
+        return widened_sum(value, dtype)
 
     def expand(self, per_segment: torch.Tensor) -> torch.Tensor:
         """Broadcast one value per parameter back over the value layout (a number is computed :meth:`once`)."""

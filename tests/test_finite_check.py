@@ -94,10 +94,11 @@ def test_global_norm_check_reads_its_norms(monkeypatch, span, expected):
     assert opt.skipped_steps == 1
 
 
-def test_overflowing_squares_skip_the_step_instead_of_freezing_the_accumulator():
-    """|g| = 1e20 squares to inf in float32: the sum-based check skips the step. Stepped, the row's
-    accumulator would turn infinite and its update would stay 0 for ever."""
-    model, opt = stepped("adagrad-sn", compile=False)
+@pytest.mark.parametrize("spec", ["adagrad-sn", "adagrad-norm"])
+def test_overflowing_squares_skip_the_step_instead_of_freezing_the_accumulator(spec):
+    """|g| = 1e20 squares to inf in float32: the sum-based check skips the step. Stepped, the row's (or,
+    for AdaGrad-Norm, the model's) accumulator would turn infinite and its update would stay 0 for ever."""
+    model, opt = stepped(spec, compile=False)
     assert poisoned_step(model, opt, ROW_REDUCED, 1e20)
     assert opt.skipped_steps == 1
 
