@@ -11,15 +11,23 @@ chunk edges on whole vectors so that no element moves between a kernel's vector 
 
 What a chunk cannot decide alone is decided first or last:
 
+- a GLOBAL block's sums (AdaGrad-Norm's squared norm, the min-norm mixer's inner products, SGDOL's step
+  size) run over every chunk first, in passes that write nothing: one pass per GLOBAL block, each
+  running the graph up to that block with the sums before it known (``build_partial_sums``). The chunks
+  then step with the sums given;
 - the finiteness verdict (``on_nonfinite='skip'``) is taken over every gradient before the first chunk
-  writes anything. On a CPU the host reads it without waiting for a device, so a skipped step runs no
-  chunk, and an applied one writes its values directly, not through ``torch.where`` (the compiled step
-  decides on the device, with no host sync);
+  writes anything: through the sums the GLOBAL blocks offer, in their graph's last summing pass, as the
+  whole step takes it (a NaN or an overflowing square in any chunk skips the step), and from each
+  gradient's least and greatest element for graphs without such blocks. On a CPU the host reads it
+  without waiting for a device, so a skipped step runs no chunk, and an applied one writes its values
+  directly, not through ``torch.where`` (the compiled step decides on the device, with no host sync);
 - the step counts and SCALAR states are read by every chunk as they were before the step, and written
   once, by one call that steps the last chunk of every bucket together (buckets of a group share a count).
 
-Graphs with reductions (per-tensor, per-subset, global) and buckets off the CPU run whole, as compiled.
-On a GPU the caching allocator already reuses memory and a chunk would only add kernel launches.
+The sums come out in another order than over whole buckets (chunk by chunk, then added), so a chunked step
+with GLOBAL blocks agrees with the whole-bucket one to the rounding of those sums, not bit for bit.
+Graphs with per-tensor or per-subset work, and buckets off the CPU, run whole, as compiled. On a GPU the
+caching allocator already reuses memory and a chunk would only add kernel launches.
 """
 from __future__ import annotations
 
@@ -30,9 +38,9 @@ import torch
 
 from opdsl.blocks.base import Scope, StateKind
 from opdsl.compiled.layout import Segment
-from opdsl.compiled.lowering import BucketArgs, Program, StepFn, build_step
+from opdsl.compiled.lowering import BucketArgs, GlobalKey, Program, StepFn, build_partial_sums, build_step
 
-__all__ = ["CHUNK_NUMEL_PER_THREAD", "chunkable", "plan_chunks", "build_eager_step"]
+__all__ = ["CHUNK_NUMEL_PER_THREAD", "chunkable", "global_nodes", "plan_chunks", "build_eager_step"]
 
 # Elements per chunk and torch thread (512 KB of float32 per temporary). Adamax over 10M parameters on one
 # thread of a 2-core Xeon, in one process: 173 ms a step at 32K, 138 at 64K, 133 at 128K, 132 at 256K, 552
@@ -42,11 +50,23 @@ CHUNK_NUMEL_PER_THREAD = 1 << 17
 
 
 def chunkable(program: Program) -> bool:
-    """Whether every block of the program is elementwise: then any slice of a bucket can be stepped alone."""
+    """Whether every block of the program is elementwise or GLOBAL: then any slice of a bucket can be stepped
+    alone, given the GLOBAL blocks' sums over the whole bucket (a sum over a slice is a partial sum)."""
     return not program.shaped_values and all(
-        s.block.scope() is Scope.ELEMENTWISE and all(spec.kind is not StateKind.TENSOR for _, spec in s.states)
+        s.block.scope() in (Scope.ELEMENTWISE, Scope.GLOBAL) and all(spec.kind is not StateKind.TENSOR for _, spec in s.states)
         for s in program.steps
     )
+
+
+def global_nodes(buckets: Sequence[BucketArgs]) -> list[GlobalKey]:
+    """The GLOBAL blocks of the buckets' graphs, in the order the step runs them."""
+    keys: list[GlobalKey] = []
+    for b in buckets:
+        for s in b.program.steps:
+            key = (b.program.graph_name, s.name)
+            if s.block.scope() is Scope.GLOBAL and key not in keys:
+                keys.append(key)
+    return keys
 
 
 @dataclass(frozen=True)
@@ -96,8 +116,9 @@ def build_eager_step(buckets: Sequence[BucketArgs], check_finite: bool, size: in
     """The eager step: :func:`build_step`'s, run chunk by chunk where the buckets are on a CPU.
 
     ``size`` is the chunk length in elements (default: ``CHUNK_NUMEL_PER_THREAD`` per torch thread, as
-    the step is built). An optimizer with any graph that is not all elementwise runs whole: its finiteness
-    check reads the sums its blocks form (``BlockContext.witness``), which exist only once they have run.
+    the step is built). An optimizer with any graph that is not all elementwise or GLOBAL runs whole: the
+    finiteness check reads the per-tensor and per-subset sums its blocks form (``BlockContext.witness``),
+    which exist only once a whole tensor has run.
     """
     whole = build_step(buckets, check_finite)
     size = size or CHUNK_NUMEL_PER_THREAD * max(1, torch.get_num_threads())
@@ -109,17 +130,19 @@ def build_eager_step(buckets: Sequence[BucketArgs], check_finite: bool, size: in
     last = build_step([chunks[-1].args for chunks in plans], False)
     # the states cut with the bucket (the others, SCALAR, are whole in every chunk)
     elementwise = [{k for k, spec in b.program.state_specs.items() if spec.kind is StateKind.ELEMENTWISE} for b in buckets]
+    # one summing pass per GLOBAL block, over the chunks of its graph's buckets; the graph's last one also checks
+    passes = global_nodes(buckets)
+    closing = {key[0]: key for key in passes}  # each graph's last GLOBAL block
+    summing = {
+        key: [[build_partial_sums([c.args], key, check_finite and closing[key[0]] == key) for c in chunks]
+              if buckets[i].program.graph_name == key[0] else [] for i, chunks in enumerate(plans)]
+        for key in passes
+    }
+    read_directly = [b.program.graph_name not in closing for b in buckets]  # checked from the gradients themselves
 
     def step(params, grads, states, steps, envs, actives, extras, skipped=None):
         if any(p.device.type != "cpu" for p in params):
             return whole(params, grads, states, steps, envs, actives, extras, skipped)
-        if check_finite:
-            checked = [g for grad, extra in zip(grads, extras) for g in (grad, *extra.values())]
-            verdict = _all_finite(checked, skipped.device if skipped is not None else params[0].device)
-            if not bool(verdict):  # a CPU tensor: reading it waits for nothing
-                if skipped is not None:
-                    skipped.add_(1)
-                return verdict
 
         def cut(i: int, chunk: Chunk) -> tuple[Any, ...]:
             """Bucket ``i``'s arguments, cut to ``chunk``."""
@@ -129,13 +152,32 @@ def build_eager_step(buckets: Sequence[BucketArgs], check_finite: bool, size: in
             extra = {k: v[part] for k, v in extras[i].items()}
             return params[i][part], grads[i][part], state, steps[i], envs[i], active, extra
 
-        def call(fn: StepFn, pieces: list[tuple[Any, ...]]) -> None:
-            fn(*(list(column) for column in zip(*pieces)))
+        def call(fn: StepFn, pieces: list[tuple[Any, ...]], **kwargs: Any) -> Any:
+            return fn(*(list(column) for column in zip(*pieces)), **kwargs)
 
+        home = skipped.device if skipped is not None else params[0].device
+        totals: dict[GlobalKey, dict[str, torch.Tensor]] = {}
+        verdicts = []
+        for key in passes:
+            sums = None
+            for i, chunks in enumerate(plans):
+                for fn, chunk in zip(summing[key][i], chunks):
+                    piece, ok = call(fn, [cut(i, chunk)], totals=totals)
+                    sums = piece if sums is None else {k: sums[k] + piece[k] for k in sums}
+                    if ok is not None:
+                        verdicts.append(ok)
+            totals[key] = sums
+        if check_finite:
+            checked = [g for i in range(len(buckets)) if read_directly[i] for g in (grads[i], *extras[i].values())]
+            verdict = torch.stack([_all_finite(checked, home), *(ok.to(home) for ok in verdicts)]).all()
+            if not bool(verdict):  # a CPU tensor: reading it waits for nothing
+                if skipped is not None:
+                    skipped.add_(1)
+                return verdict
         for i, chunks in enumerate(plans):
             for fn, chunk in zip(inner[i], chunks):
-                call(fn, [cut(i, chunk)])
-        call(last, [cut(i, chunks[-1]) for i, chunks in enumerate(plans)])
+                call(fn, [cut(i, chunk)], totals=totals)
+        call(last, [cut(i, chunks[-1]) for i, chunks in enumerate(plans)], totals=totals)
         return torch.ones((), dtype=torch.bool, device=params[0].device)
 
     return step

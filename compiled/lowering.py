@@ -30,7 +30,8 @@ from opdsl.compiled.layout import Segment
 from opdsl.graph import Reference, execution_order, parse_ref
 from opdsl.spec import GraphSpec
 
-__all__ = ["NodeStep", "PlanError", "Program", "Source", "build_program", "build_step", "state_key", "due_key", "BucketArgs", "reads_source"]
+__all__ = ["NodeStep", "PlanError", "Program", "Source", "build_program", "build_step", "build_partial_sums", "state_key",
+           "due_key", "BucketArgs", "reads_source", "GlobalKey"]
 
 
 def state_key(node: str, name: str) -> str:
@@ -175,6 +176,66 @@ class _Run:
 StepFn = Callable[..., Any]
 
 
+GlobalKey = tuple[str, str]  # (graph, node) of a GLOBAL block: its sums run over every bucket of the graph
+Totals = Mapping[GlobalKey, Mapping[str, torch.Tensor]]
+
+
+class _Nodes:
+    """The buckets' graphs, node by node: what :func:`build_step` and :func:`build_partial_sums` both run."""
+
+    def __init__(self, buckets: Sequence[BucketArgs]):
+        self.buckets = tuple(buckets)
+        self.by_graph: dict[str, list[int]] = {}
+        for i, b in enumerate(self.buckets):
+            self.by_graph.setdefault(b.program.graph_name, []).append(i)
+        self.order = {g: _merged_order([self.buckets[i].program for i in idx]) for g, idx in self.by_graph.items()}
+
+    def runs(self, params, grads, states, steps, envs, extras) -> list[_Run]:
+        runs = []
+        for i, b in enumerate(self.buckets):
+            t = steps[i].reshape(()) + 1
+            env = {k: _as_scalars(v) for k, v in envs[i].items()}
+            env["step"] = t
+            ctx = BlockContext(b.segments, env, t, params[i], b.numel, b.positions, b.tile)
+            gradients = {"grad": grads[i], **extras[i]}
+            if b.maximize:  # ascend: every block sees -g, as torch's `maximize` negates before anything else
+                gradients = {k: -g for k, g in gradients.items()}
+            runs.append(_Run(ctx, {**gradients, "param": params[i]}, states[i]))
+        return runs
+
+    def run(self, runs: list[_Run], home: torch.device, given: Totals | None = None,
+            until: GlobalKey | None = None) -> dict[str, torch.Tensor] | None:
+        """Every node of every graph, in order. A GLOBAL block's sums are added over its graph's buckets
+        before its forward runs, or taken from ``given``; with ``until``, stop at that GLOBAL node and
+        return its sums (every GLOBAL block before it still sums, so that its witnesses are offered)."""
+        for graph_name, members in self.by_graph.items():
+            for node in self.order[graph_name]:
+                active = [(i, s) for i in members for s in self.buckets[i].program.steps if s.name == node]
+                if not active:
+                    continue
+                block = active[0][1].block
+                for i, _ in active:
+                    runs[i].ctx.due = runs[i].ctx.env.get(due_key(node))
+                totals = None
+                if block.scope() is Scope.GLOBAL:
+                    totals = (given or {}).get((graph_name, node))
+                    if totals is None or until is not None:
+                        partials = [block.reduce(runs[i].ctx, _inputs(runs[i], s), _node_state(runs[i], s)) for i, s in active]
+                        summed = {k: sum(p[k].to(home) for p in partials) for k in partials[0]}
+                        if (graph_name, node) == until:
+                            return summed
+                        totals = summed if totals is None else totals
+                for i, s in active:
+                    run = runs[i]
+                    here = None if totals is None else {k: v.to(run.ctx.param.device) for k, v in totals.items()}
+                    out, new = s.block.forward(run.ctx, _inputs(run, s), _node_state(run, s), here)
+                    run.values[s.name] = out
+                    _note_carried(run, s)
+                    for key, value in new.items():
+                        run.new_state[state_key(s.name, key)] = value
+        return None
+
+
 def build_step(buckets: Sequence[BucketArgs], check_finite: bool, write_shared: bool = True) -> StepFn:
     """The whole optimizer step as one function of tensors (all static structure is closed over).
 
@@ -186,48 +247,17 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool, write_shared: 
 
     ``write_shared=False`` leaves the step counts and SCALAR states as they are, for a caller that steps a
     bucket in pieces (:mod:`opdsl.compiled.chunking`): every piece must read them as they were before the step.
+    Such a caller also passes ``totals``, every GLOBAL block's sums over the whole buckets
+    (:func:`build_partial_sums`), which a piece could not form alone.
     """
-    by_graph: dict[str, list[int]] = {}
-    for i, b in enumerate(buckets):
-        by_graph.setdefault(b.program.graph_name, []).append(i)
-    node_order = {
-        g: _merged_order([buckets[i].program for i in idx]) for g, idx in by_graph.items()
-    }
+    nodes = _Nodes(buckets)
 
-    def step(params, grads, states, steps, envs, actives, extras, skipped=None):
+    def step(params, grads, states, steps, envs, actives, extras, skipped=None, totals=None):
         # Values every bucket shares (a global sum, the finiteness verdict) are formed on one device and
         # copied to each bucket's; `.to` is free when all buckets share a device.
         home = skipped.device if skipped is not None else params[0].device
-        runs: list[_Run] = []
-        for i, b in enumerate(buckets):
-            t = steps[i].reshape(()) + 1
-            env = {k: _as_scalars(v) for k, v in envs[i].items()}
-            env["step"] = t
-            ctx = BlockContext(b.segments, env, t, params[i], b.numel, b.positions, b.tile)
-            gradients = {"grad": grads[i], **extras[i]}
-            if b.maximize:  # ascend: every block sees -g, as torch's `maximize` negates before anything else
-                gradients = {k: -g for k, g in gradients.items()}
-            runs.append(_Run(ctx, {**gradients, "param": params[i]}, states[i]))
-        for graph_name, members in by_graph.items():
-            for node in node_order[graph_name]:
-                active = [(i, s) for i in members for s in buckets[i].program.steps if s.name == node]
-                if not active:
-                    continue
-                block = active[0][1].block
-                for i, _ in active:
-                    runs[i].ctx.due = runs[i].ctx.env.get(due_key(node))
-                totals = None
-                if block.scope() is Scope.GLOBAL:
-                    partials = [block.reduce(runs[i].ctx, _inputs(runs[i], s), _node_state(runs[i], s)) for i, s in active]
-                    totals = {k: sum(p[k].to(home) for p in partials) for k in partials[0]}
-                for i, s in active:
-                    run = runs[i]
-                    here = None if totals is None else {k: v.to(params[i].device) for k, v in totals.items()}
-                    out, new = s.block.forward(run.ctx, _inputs(run, s), _node_state(run, s), here)
-                    run.values[s.name] = out
-                    _note_carried(run, s)
-                    for key, value in new.items():
-                        run.new_state[state_key(s.name, key)] = value
+        runs = nodes.runs(params, grads, states, steps, envs, extras)
+        nodes.run(runs, home, totals)
         checked = [{"grad": grads[i], **extras[i]} for i in range(len(buckets))]
         ok_home = _all_finite(checked, runs, home) if check_finite else None
         for i, (b, run) in enumerate(zip(buckets, runs)):
@@ -254,6 +284,26 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool, write_shared: 
         return ok_home
 
     return step
+
+
+def build_partial_sums(buckets: Sequence[BucketArgs], node: GlobalKey, check_finite: bool) -> Callable[..., Any]:
+    """For a caller that steps buckets in pieces: GLOBAL block ``node``'s sums over these buckets, written nowhere.
+
+    The returned function takes :func:`build_step`'s arguments and ``totals`` (the sums of the GLOBAL blocks
+    before ``node``, over the whole buckets) and returns ``(sums, ok)``: the piece's share of ``node``'s
+    sums, and with ``check_finite`` the finiteness check of the piece's gradients as the whole step takes it,
+    through the sums every GLOBAL block up to ``node`` offers (the caller asks at its graph's last one).
+    """
+    nodes = _Nodes(buckets)
+
+    def partial(params, grads, states, steps, envs, actives, extras, totals):
+        home = params[0].device
+        runs = nodes.runs(params, grads, states, steps, envs, extras)
+        sums = nodes.run(runs, home, totals, until=node)
+        checked = [{"grad": grads[i], **extras[i]} for i in range(len(buckets))]
+        return sums, _all_finite(checked, runs, home) if check_finite else None
+
+    return partial
 
 
 def _as_scalars(value: Any) -> Any:

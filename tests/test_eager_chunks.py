@@ -1,10 +1,12 @@
-"""The eager step on a CPU runs elementwise graphs chunk by chunk (``compiled/chunking.py``).
+"""The eager step on a CPU runs elementwise graphs, and graphs with global sums, chunk by chunk
+(``compiled/chunking.py``).
 
 The oracle is the same eager step run over whole buckets, which the other test files prove against
 torch.optim and float64 references: chunked, every parameter, state, step count and skip count must be
 bit-for-bit the same, through missing gradients, a skipped non-finite step, an ascending group,
 a second parameter dtype sharing the group's step count, and optimizers whose graph writes the parameter
-(``output_is: param``) or keeps one-value states.
+(``output_is: param``) or keeps one-value states. Graphs with global sums add those sums chunk by chunk,
+in another order: in float64 they agree to that order's rounding, and their skip decisions exactly.
 """
 from __future__ import annotations
 
@@ -104,10 +106,12 @@ def test_chunks_cover_every_element_once_and_know_their_parameters() -> None:
         assert c.args.positions == tuple(held)
 
 
-def test_graphs_with_reductions_run_whole() -> None:
-    assert chunking.chunkable(_args("adamw", [(4, 4)]).program)
-    for name in ("lamb", "scsadamw", "adamw-sn", "coba"):
+def test_graphs_with_global_sums_chunk_and_those_with_per_tensor_sums_run_whole() -> None:
+    for name in ("adamw", "adagrad-norm", "scsadamw", "sgdol"):
+        assert chunking.chunkable(_args(name, [(4, 4)]).program)
+    for name in ("lamb", "adamw-sn", "coba", "adagrad-sn"):
         assert not chunking.chunkable(_args(name, [(4, 4)]).program)
+    assert chunking.global_nodes([_args("scsadamw", [(4, 4)])]) == [("main", "d")]
 
 
 def test_buckets_within_one_chunk_take_the_whole_bucket_step() -> None:
@@ -142,3 +146,60 @@ def test_empty_parameters_beside_chunked_buckets(one_thread) -> None:
         return [p.detach().clone() for p in floats]
 
     assert all(torch.equal(a, b) for a, b in zip(trained(1 << 30), trained(SMALL_CHUNK)))
+
+
+GLOBAL_SPECS = ["adagrad-norm", "scsadamw", "scsadamw-sigmoid", "sgdol"]  # sums over the whole model
+
+
+def _stepped_with_global_sums(spec: str, chunk: int, dtype: torch.dtype, poison: float = float("nan"),
+                              steps: int = 10) -> tuple[list[torch.Tensor], dict, int]:
+    """A transformer's parameters (all ``dtype``, two groups: one sum spans both) stepped eagerly at ``chunk``
+    elements per thread, on seeded gradients from a closure (SGDOL calls it twice a step). Some steps miss
+    gradients; at step 5 one entry of a late matrix is ``poison``."""
+    model = make_model("transformer")
+    params = list(model.parameters())
+    for p in params:
+        p.data = p.data.to(dtype)
+    groups = [{"params": [p for p in params if p.ndim >= 2]}, {"params": [p for p in params if p.ndim < 2], "lr": 3e-3}]
+    with _chunk_size(chunk):
+        opt = opdsl.Optimizer(groups, spec=spec, lr=1e-2, compile=False)
+        for step in range(steps):
+            calls = iter(range(2))
+
+            def closure() -> None:
+                call = next(calls)
+                for k, p in enumerate(params):
+                    seed = torch.Generator().manual_seed(1000 * call + 100 * step + k)
+                    missing = step in (2, 7) and k % 3 == 1
+                    p.grad = None if missing else torch.randn(p.shape, generator=seed, dtype=dtype)
+                if step == 5:
+                    params[-4].grad.view(-1)[-3] = poison
+
+            opt.step(closure)
+    return [p.detach().clone() for p in params], opt.state_dict(), opt.skipped_steps
+
+
+@pytest.mark.parametrize("spec", GLOBAL_SPECS)
+def test_chunked_global_sums_agree_with_the_whole_bucket_step(spec: str, one_thread) -> None:
+    """float64, where the sums' order shows only in their last bits: parameters and states within 1e-12 of
+    their scale (a float64 sum of n terms regrouped moves by about n * 1e-16 of its terms' sum)."""
+    whole_params, whole_state, whole_skipped = _stepped_with_global_sums(spec, 1 << 30, torch.float64)
+    params, state, skipped = _stepped_with_global_sums(spec, SMALL_CHUNK, torch.float64)
+    assert whole_skipped == skipped == 1
+    for a, b in zip(whole_params, params):
+        assert (a - b).abs().max() <= 1e-12 * a.abs().max()
+    for key, values in whole_state["state"].items():
+        for name, value in values.items():
+            other = state["state"][key][name]
+            assert (value - other).abs().max() <= 1e-12 * max(value.abs().max(), 1e-300), (spec, key, name)
+    assert all(p.isfinite().all() for p in params)
+
+
+@pytest.mark.parametrize("chunk", [1 << 30, SMALL_CHUNK])
+def test_chunked_global_sums_skip_an_overflowing_square_as_the_whole_step_does(chunk: int, one_thread) -> None:
+    """AdaGrad-Norm in float32: |g| = 1e20 squares to inf, in a chunk far from the first; every chunk's
+    sums are taken before any writes, so the step is skipped and nothing moves (as over whole buckets)."""
+    before, _, _ = _stepped_with_global_sums("adagrad-norm", chunk, torch.float32, steps=5)
+    after, _, skipped = _stepped_with_global_sums("adagrad-norm", chunk, torch.float32, poison=1e20, steps=6)
+    assert skipped == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
