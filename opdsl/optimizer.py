@@ -34,7 +34,8 @@ Semantics that differ from torch.optim, on purpose:
   also raises (one host sync); ``"propagate"`` does what torch.optim does. Graphs that sum squares or
   products of the gradients anyway (subset-norm, global-norm, the min-norm and conjugate mixers, SGDOL)
   are checked through those sums, so they also skip a step whose terms overflow (|g| > 1.8e19 in
-  float32) instead of making their accumulator infinite.
+  float32, or from about 1e18 for the global sums, which add 256 float32 terms before widening to
+  float64) instead of making their accumulator infinite.
 - ``state`` holds views of the flat state. Editing it the torch way is followed before the next step:
   ``state.clear()`` (or deleting every entry of a group) restarts that state at step 0, and a tensor put
   in place of a state is copied in; deleting the entries of only some parameters of a group is refused
