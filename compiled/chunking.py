@@ -133,9 +133,9 @@ def build_eager_step(buckets: Sequence[BucketArgs], check_finite: bool, size: in
     # one summing pass per GLOBAL block, over the chunks of its graph's buckets; the graph's last one also checks
     passes = global_nodes(buckets)
     closing = {key[0]: key for key in passes}  # each graph's last GLOBAL block
-    summing = {
-        key: [[build_partial_sums([c.args], key, check_finite and closing[key[0]] == key) for c in chunks]
-              if buckets[i].program.graph_name == key[0] else [] for i, chunks in enumerate(plans)]
+    summing = {  # key -> (bucket, chunk, its partial-sums function) for every chunk of the key's graph
+        key: [(i, c, build_partial_sums([c.args], key, check_finite and closing[key[0]] == key))
+              for i, chunks in enumerate(plans) if buckets[i].program.graph_name == key[0] for c in chunks]
         for key in passes
     }
     read_directly = [b.program.graph_name not in closing for b in buckets]  # checked from the gradients themselves
@@ -160,12 +160,11 @@ def build_eager_step(buckets: Sequence[BucketArgs], check_finite: bool, size: in
         verdicts = []
         for key in passes:
             sums = None
-            for i, chunks in enumerate(plans):
-                for fn, chunk in zip(summing[key][i], chunks):
-                    piece, ok = call(fn, [cut(i, chunk)], totals=totals)
-                    sums = piece if sums is None else {k: sums[k] + piece[k] for k in sums}
-                    if ok is not None:
-                        verdicts.append(ok)
+            for i, chunk, fn in summing[key]:
+                piece, ok = call(fn, [cut(i, chunk)], totals=totals)
+                sums = piece if sums is None else {k: sums[k] + piece[k] for k in sums}
+                if ok is not None:
+                    verdicts.append(ok)
             totals[key] = sums
         if check_finite:
             checked = [g for i in range(len(buckets)) if read_directly[i] for g in (grads[i], *extras[i].values())]

@@ -204,10 +204,10 @@ class _Nodes:
         return runs
 
     def run(self, runs: list[_Run], home: torch.device, given: Totals | None = None,
-            until: GlobalKey | None = None) -> dict[str, torch.Tensor] | None:
+            until: GlobalKey | None = None, witness_given: bool = False) -> dict[str, torch.Tensor] | None:
         """Every node of every graph, in order. A GLOBAL block's sums are added over its graph's buckets
-        before its forward runs, or taken from ``given``; with ``until``, stop at that GLOBAL node and
-        return its sums (every GLOBAL block before it still sums, so that its witnesses are offered)."""
+        before its forward runs, or taken from ``given`` (``witness_given``: summed anyway, unused, so that
+        the finiteness check reads its witnesses); with ``until``, stop at that GLOBAL node and return its sums."""
         for graph_name, members in self.by_graph.items():
             for node in self.order[graph_name]:
                 active = [(i, s) for i in members for s in self.buckets[i].program.steps if s.name == node]
@@ -219,7 +219,7 @@ class _Nodes:
                 totals = None
                 if block.scope() is Scope.GLOBAL:
                     totals = (given or {}).get((graph_name, node))
-                    if totals is None or until is not None:
+                    if totals is None or witness_given or (graph_name, node) == until:
                         partials = [block.reduce(runs[i].ctx, _inputs(runs[i], s), _node_state(runs[i], s)) for i, s in active]
                         summed = {k: sum(p[k].to(home) for p in partials) for k in partials[0]}
                         if (graph_name, node) == until:
@@ -258,8 +258,7 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool, write_shared: 
         home = skipped.device if skipped is not None else params[0].device
         runs = nodes.runs(params, grads, states, steps, envs, extras)
         nodes.run(runs, home, totals)
-        checked = [{"grad": grads[i], **extras[i]} for i in range(len(buckets))]
-        ok_home = _all_finite(checked, runs, home) if check_finite else None
+        ok_home = _all_finite(grads, extras, runs, home) if check_finite else None
         for i, (b, run) in enumerate(zip(buckets, runs)):
             ok = None if ok_home is None else ok_home.to(params[i].device)
             update = _read(run, b.program.output)
@@ -299,9 +298,8 @@ def build_partial_sums(buckets: Sequence[BucketArgs], node: GlobalKey, check_fin
     def partial(params, grads, states, steps, envs, actives, extras, totals):
         home = params[0].device
         runs = nodes.runs(params, grads, states, steps, envs, extras)
-        sums = nodes.run(runs, home, totals, until=node)
-        checked = [{"grad": grads[i], **extras[i]} for i in range(len(buckets))]
-        return sums, _all_finite(checked, runs, home) if check_finite else None
+        sums = nodes.run(runs, home, totals, until=node, witness_given=check_finite)
+        return sums, _all_finite(grads, extras, runs, home) if check_finite else None
 
     return partial
 
@@ -344,15 +342,16 @@ def _note_carried(run: _Run, s: NodeStep) -> None:
         run.carried[s.name] = source
 
 
-def _all_finite(checked: Sequence[Mapping[str, torch.Tensor]], runs: Sequence[_Run], home: torch.device) -> torch.Tensor:
+def _all_finite(grads: Sequence[torch.Tensor], extras: Sequence[Mapping[str, torch.Tensor]], runs: Sequence[_Run],
+                home: torch.device) -> torch.Tensor:
     """One 0-d bool on ``home``: no gradient (``grad``, ``grad2``) holds inf or NaN.
 
     Runs after the blocks, so that a gradient whose squares or products a block summed anyway
     (:meth:`BlockContext.witness`) is checked through those sums instead of another pass over it.
     """
     flags = []
-    for values, run in zip(checked, runs):
-        for key, value in values.items():
+    for grad, extra, run in zip(grads, extras, runs):
+        for key, value in {"grad": grad, **extra}.items():
             flags += [torch.isfinite(t).all().to(home) for t in run.ctx.witnesses.get(key, [value])]
     return flags[0] if len(flags) == 1 else torch.stack(flags).all()
 
