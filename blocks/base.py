@@ -102,6 +102,10 @@ class Block(BaseModel):
       comes back through ``ctx.concat``, and takes far longer than one more pass over its result. It runs
       in a tiled bucket too: there the views step over the padding and ``concat`` is one copy into the
       tiles, so the elementwise work before and after it is one loop whatever the number of shapes.
+    - ``WITNESS_PORTS``: the ports whose sums the block may hand to the finiteness check
+      (``BlockContext.witness``); a block that offers others is an error. The eager step on a CPU takes
+      the check before it steps any chunk, in a pass that runs each graph only as far as its last such block
+      and only what their sums need: a GLOBAL block's ``reduce``, any other's :meth:`offer_witnesses`.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, arbitrary_types_allowed=True)
@@ -123,6 +127,7 @@ class Block(BaseModel):
     CARRIES_NONFINITE: ClassVar[str | None] = None
     SUMS_PER_TENSOR: ClassVar[bool] = False
     TILED_RUNS: ClassVar[bool] = False
+    WITNESS_PORTS: ClassVar[tuple[str, ...]] = ()
 
     # ---- declarations -------------------------------------------------------------------------------
     def scope(self) -> Scope:
@@ -321,6 +326,11 @@ class Block(BaseModel):
         self, ctx: "BlockContext", x: Tensors, state: Tensors, totals: Tensors | None = None
     ) -> tuple[torch.Tensor, Tensors]:
         """Return (output, new state). ``x`` maps port -> flat tensor; ``state`` maps name -> tensor."""
+        raise NotImplementedError
+
+    def offer_witnesses(self, ctx: "BlockContext", x: Tensors, state: Tensors) -> None:
+        """Blocks with ``WITNESS_PORTS`` that are not GLOBAL: offer the finiteness check exactly the sums
+        :meth:`forward` offers, computing nothing else. ``x`` holds the inputs on ``WITNESS_PORTS`` only."""
         raise NotImplementedError
 
 

@@ -25,7 +25,7 @@ it with the input ``g``. ``d = -D`` below is the papers' descent direction.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -69,6 +69,8 @@ class MinNormMixer(_DirectionState):
         0.0, description="K (an integer): D_t = g_t at steps t > 1 with (t-1) % K == 0; 0 = never"
     )
 
+    WITNESS_PORTS: ClassVar[tuple[str, ...]] = ("input",)
+
     def scope(self) -> Scope:
         return Scope.GLOBAL if self.reduction == "global" else Scope.TENSOR
 
@@ -104,12 +106,21 @@ class MinNormMixer(_DirectionState):
         else:
             num, den = self._terms(g, d)
             acc = ctx.step.dtype
-            den = ctx.segment_sum(den)
-            ctx.witness("input", [den])
+            den = self._offer_distance(ctx, den)
             lam = self.weight(ctx, ctx.segment_sum(num).to(acc), den.to(acc))
             lam = ctx.expand(lam.to(g.dtype))
         new = torch.lerp(g, d, lam)  # g + lam*(d - g): exactly g where lam == 0
         return new, {"d": new}
+
+    def offer_witnesses(self, ctx, x, state):
+        self._offer_distance(ctx, self._terms(x["input"], state["d"])[1])
+
+    @staticmethod
+    def _offer_distance(ctx, terms: torch.Tensor) -> torch.Tensor:
+        """||g - D||^2 per tensor, offered to the finiteness check (it reads this, not g)."""
+        den = ctx.segment_sum(terms)
+        ctx.witness("input", [den])
+        return den
 
 
 class ScaledConjugateMixer(_DirectionState):
@@ -153,6 +164,8 @@ class ConjugateMixer(_DirectionState):
         "tensor", alias="scope", description="tensor: inner products per parameter; row: over the last axis"
     )
 
+    WITNESS_PORTS: ClassVar[tuple[str, ...]] = ("input",)
+
     def scope(self) -> Scope:
         return Scope.TENSOR if self.reduction == "tensor" else Scope.SUBSET
 
@@ -176,6 +189,22 @@ class ConjugateMixer(_DirectionState):
             start += rows
         return ctx.concat(pieces)
 
+    def _witnessed(self) -> str:
+        """The sum the finiteness check reads: every rule sums g*g or g*y = g*(g - p), inf or NaN wherever g is."""
+        return "gg" if "gg" in _NEEDS[self.coefficient] else "gy"
+
+    def offer_witnesses(self, ctx, x, state):
+        g = x["input"]
+        term = self._products(g, state["d"], state["previous_input"])[self._witnessed()]()
+        ctx.witness("input", [self._sum(ctx, term).to(ctx.step.dtype)], terms_dtype=g.dtype)
+
+    @staticmethod
+    def _products(g: torch.Tensor, big_d: torch.Tensor, p: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+        """The products a rule may sum, each computed only when called (y = g - p)."""
+        y = g - p
+        return {"gy": lambda: g * y, "Dy": lambda: big_d * y, "gg": lambda: g * g, "pp": lambda: p * p,
+                "yy": lambda: y * y, "gD": lambda: g * big_d, "Dp": lambda: big_d * p}
+
     def coefficient_of(self, ctx, sums: dict[str, torch.Tensor]) -> torch.Tensor:
         """beta_n from the summed products, with the descent direction -D in the papers' formulas."""
         eps = ctx.value(self.eps)
@@ -196,13 +225,10 @@ class ConjugateMixer(_DirectionState):
 
     def forward(self, ctx, x, state, totals=None):
         g, big_d, p = x["input"], state["d"], state["previous_input"]
-        y = g - p
-        products = {"gy": lambda: g * y, "Dy": lambda: big_d * y, "gg": lambda: g * g, "pp": lambda: p * p,
-                    "yy": lambda: y * y, "gD": lambda: g * big_d, "Dp": lambda: big_d * p}
+        products = self._products(g, big_d, p)
         acc = ctx.step.dtype  # coefficients in float64 where the device has it (one value per unit)
         sums = {k: self._sum(ctx, products[k]()).to(acc) for k in _NEEDS[self.coefficient]}
-        # every rule sums g*g or g*y = g*(g - p): inf or NaN wherever g is, so the finiteness check reads it
-        ctx.witness("input", [sums["gg" if "gg" in sums else "gy"]], terms_dtype=g.dtype)
+        ctx.witness("input", [sums[self._witnessed()]], terms_dtype=g.dtype)
         beta = self.coefficient_of(ctx, sums) * ctx.value(self.scale)
         beta = torch.where(ctx.step == 1, torch.zeros_like(beta), beta)  # d_1 = g_1
         new = g + self._expand(ctx, beta.to(g.dtype)) * big_d

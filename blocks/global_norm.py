@@ -39,6 +39,7 @@ class GlobalNorm(Block):
     PORTS: ClassVar[tuple[str, ...]] = ("input", "stats")
     PRIMARY_STATE: ClassVar[str] = "b2"
     SUMS_PER_TENSOR: ClassVar[bool] = True
+    WITNESS_PORTS: ClassVar[tuple[str, ...]] = ("stats",)
 
     def scope(self) -> Scope:
         return Scope.GLOBAL if self.span == "global" else Scope.TENSOR
@@ -71,6 +72,12 @@ class GlobalNorm(Block):
         ) else 0.0
         return previous + start + sq
 
+    def offer_witnesses(self, ctx, x, state):
+        """Per tensor: the sums of squares of ``stats``, which the finiteness check reads; returned for forward."""
+        sq = ctx.segment_sum(self._squares(x["stats"]))
+        ctx.witness("stats", [sq])
+        return sq
+
     def forward(self, ctx, x, state, totals=None):
         u = x["input"]
         eps = ctx.value(self.eps)
@@ -79,8 +86,7 @@ class GlobalNorm(Block):
             denom = b2.sqrt() if isinstance(eps, float) and eps == 0.0 else b2.sqrt() + eps
             return u / ctx.once(denom.to(u.dtype)), {"b2": b2}
         previous = torch.cat([b.reshape(-1) for b in state["b2"]])  # one (count, 1) tensor per run
-        sq = ctx.segment_sum(self._squares(x["stats"]))
-        ctx.witness("stats", [sq])
+        sq = self.offer_witnesses(ctx, x, state)
         b2 = self._accumulated(ctx, previous, sq)
         denom = b2.sqrt() if isinstance(eps, float) and eps == 0.0 else b2.sqrt() + eps
         new = [b.reshape(-1, 1) for b in ctx.run_slices(b2)]

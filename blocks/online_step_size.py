@@ -32,6 +32,7 @@ class OnlineStepSize(Block):
 
     PORTS: ClassVar[tuple[str, ...]] = ("input", "second")
     PRIMARY_STATE: ClassVar[str] = "eta"
+    WITNESS_PORTS: ClassVar[tuple[str, ...]] = ("input", "second")
 
     def scope(self) -> Scope:
         return Scope.GLOBAL

@@ -71,6 +71,7 @@ class SubsetNorm(Block):
     eps: scalar(ge=0.0) = 1e-6
 
     PORTS: ClassVar[tuple[str, ...]] = ("input", "stats")
+    WITNESS_PORTS: ClassVar[tuple[str, ...]] = ("stats",)
 
     @field_validator("subset")
     @classmethod
@@ -93,18 +94,30 @@ class SubsetNorm(Block):
         denoms, news, sums = [], [], []
         # Batched over each run of equal-shaped parameters: v is one (count, *state shape) tensor per run.
         for run, s, v in zip(ctx.runs, ctx.run_views(x["stats"]), state["v"]):
-            view, dim, _ = subset_layout(run.shape, self.subset)
-            s = s.reshape(run.count, *view)
-            sq = s * s if dim is None else (s * s).sum(dim=dim + 1, keepdim=True)
-            if dim is not None:
-                sums.append(sq)
+            view, dim, sq = self._squares(run, s)
+            sums.append(sq)
             v = v * as_weight(beta, v) + sq * as_weight(weight, v)
             denom = v.sqrt() + as_weight(eps, v)
             if dim is not None:  # one square root per subset, not one per element
                 denom = ctx.once(denom)
             denoms.append(denom.expand(run.count, *view))
             news.append(v)
-        if len(sums) == len(ctx.runs):  # the finiteness check reads these instead of the whole of `stats`
+        if self._sums_cover(ctx):  # the finiteness check reads these instead of the whole of `stats`
             ctx.witness("stats", sums)
         # One flat division: the broadcast denominators fuse into it, no full-size output per run is kept.
         return x["input"] / ctx.concat(denoms), {"v": news}
+
+    def offer_witnesses(self, ctx, x, state):
+        if self._sums_cover(ctx):
+            ctx.witness("stats", [self._squares(run, s)[2] for run, s in zip(ctx.runs, ctx.run_views(x["stats"]))])
+
+    def _squares(self, run, stats: torch.Tensor) -> tuple[tuple[int, ...], int | None, torch.Tensor]:
+        """(view shape, reduced dim, stats^2 summed over each subset) of a run's ``(count, *shape)`` stats;
+        stats^2 itself where its parameters have no subsets (dim None)."""
+        view, dim, _ = subset_layout(run.shape, self.subset)
+        s = stats.reshape(run.count, *view)
+        return view, dim, s * s if dim is None else (s * s).sum(dim=dim + 1, keepdim=True)
+
+    def _sums_cover(self, ctx) -> bool:
+        """Whether every parameter has subsets: then their sums cover all of ``stats``."""
+        return all(subset_layout(run.shape, self.subset)[1] is not None for run in ctx.runs)

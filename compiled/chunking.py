@@ -4,30 +4,43 @@ Run eagerly (``compile=False``), every node of a graph makes a full-size tempora
 through ``torch.where``. Over a whole bucket each of those passes streams through main memory, and on a
 CPU every temporary above glibc's mmap threshold (32 MB) is mapped afresh and faulted in page by page on
 every step: Adamax over 10M parameters took 614 ms a step, 150K page faults of it, against 37 ms for
-torch's foreach step. A graph whose blocks are all elementwise needs nothing beyond an element's own
-values, so here it runs chunk by chunk: each chunk's temporaries stay in the cache and come back from the
-heap. The numbers are those of the whole-bucket step: the same operations on the same elements, with
-chunk edges on whole vectors so that no element moves between a kernel's vector and scalar paths.
+torch's foreach step. So here each bucket runs chunk by chunk, and each chunk's temporaries stay in the
+cache and come back from the heap. The numbers are those of the whole-bucket step: the same operations on
+the same elements.
+
+Where a chunk may end depends on the graph:
+
+- a graph whose blocks are all elementwise or GLOBAL needs nothing beyond an element's own values (and the
+  GLOBAL sums, below), so its chunks are cut every so many elements, inside parameters too, on whole vectors
+  so that no element moves between a kernel's vector and scalar paths;
+- any other graph (per-tensor sums, per-row statistics, per-tensor projections and states) is cut between
+  parameters: a chunk holds whole parameters, and a parameter larger than a chunk is one alone. Its
+  per-tensor values are then those of the whole bucket (they never depended on other parameters);
+- an optimizer with a graph whose matrix work would be split or repeated (Newton-Schulz on runs of equal
+  shapes; a projection before the finiteness check's sums) runs whole (``steps_whole``).
 
 What a chunk cannot decide alone is decided first or last:
 
 - a GLOBAL block's sums (AdaGrad-Norm's squared norm, the min-norm mixer's inner products, SGDOL's step
-  size) run over every chunk first, in passes that write nothing: one pass per GLOBAL block, each
-  running the graph up to that block with the sums before it known (``build_partial_sums``). The chunks
-  then step with the sums given;
+  size) run over every chunk first, in dry passes that write nothing: one pass per GLOBAL block, each
+  running the graph up to that block with the sums before it known (``build_dry_pass``). The chunks then
+  step with the sums given;
 - the finiteness verdict (``on_nonfinite='skip'``) is taken over every gradient before the first chunk
-  writes anything: through the sums the GLOBAL blocks offer, in their graph's last summing pass, as the
-  whole step takes it (a NaN or an overflowing square in any chunk skips the step), and from each
-  gradient's least and greatest element for graphs without such blocks. On a CPU the host reads it
-  without waiting for a device, so a skipped step runs no chunk, and an applied one writes its values
-  directly, not through ``torch.where`` (the compiled step decides on the device, with no host sync);
+  writes anything, as the whole step takes it: through the sums the blocks offer
+  (``Block.WITNESS_PORTS``: a NaN or an overflowing square in any chunk skips the step), in a dry pass as
+  far as the graph's last block that offers any (the last GLOBAL block's summing pass, where that comes
+  later), and from each gradient's least and greatest element for graphs without such blocks. A dry pass
+  runs only what its answer reads (``lowering.dry_plan``): subset-norm's check pass squares and sums the
+  gradient, and neither forms the momentum nor divides. On a CPU the
+  host reads it without waiting for a device, so a skipped step runs no chunk, and an applied one writes its
+  values directly, not through ``torch.where`` (the compiled step decides on the device, with no host sync);
 - the step counts and SCALAR states are read by every chunk as they were before the step, and written
   once, by one call that steps the last chunk of every bucket together (buckets of a group share a count).
 
-The sums come out in another order than over whole buckets (chunk by chunk, then added), so a chunked step
-with GLOBAL blocks agrees with the whole-bucket one to the rounding of those sums, not bit for bit.
-Graphs with per-tensor or per-subset work, and buckets off the CPU, run whole, as compiled. On a GPU the
-caching allocator already reuses memory and a chunk would only add kernel launches.
+The GLOBAL sums come out in another order than over whole buckets (chunk by chunk, then added), so a chunked
+step with GLOBAL blocks agrees with the whole-bucket one to the rounding of those sums, not bit for bit.
+Buckets off the CPU run whole, as compiled: on a GPU the caching allocator already reuses memory and a chunk
+would only add kernel launches.
 """
 from __future__ import annotations
 
@@ -37,10 +50,11 @@ from typing import Any, Sequence
 import torch
 
 from opdsl.blocks.base import Scope, StateKind
-from opdsl.compiled.layout import Segment
-from opdsl.compiled.lowering import BucketArgs, GlobalKey, Program, StepFn, build_partial_sums, build_step
+from opdsl.compiled.layout import Segment, shape_runs
+from opdsl.compiled.lowering import BucketArgs, NodeKey, Program, StepFn, build_dry_pass, build_step, dry_plan
 
-__all__ = ["CHUNK_NUMEL_PER_THREAD", "chunkable", "global_nodes", "plan_chunks", "build_eager_step"]
+__all__ = ["CHUNK_NUMEL_PER_THREAD", "cuts_inside_parameters", "global_nodes", "verdict_node", "steps_whole",
+           "plan_chunks", "build_eager_step"]
 
 # Elements per chunk and torch thread (512 KB of float32 per temporary). Adamax over 10M parameters on one
 # thread of a 2-core Xeon, in one process: 173 ms a step at 32K, 138 at 64K, 133 at 128K, 132 at 256K, 552
@@ -49,18 +63,19 @@ __all__ = ["CHUNK_NUMEL_PER_THREAD", "chunkable", "global_nodes", "plan_chunks",
 CHUNK_NUMEL_PER_THREAD = 1 << 17
 
 
-def chunkable(program: Program) -> bool:
-    """Whether every block of the program is elementwise or GLOBAL: then any slice of a bucket can be stepped
-    alone, given the GLOBAL blocks' sums over the whole bucket (a sum over a slice is a partial sum)."""
+def cuts_inside_parameters(program: Program) -> bool:
+    """Whether a chunk may end inside a parameter: every block is elementwise or GLOBAL, the values are flat
+    and no state is per tensor. Then any slice of a bucket can be stepped alone, given the GLOBAL blocks'
+    sums over the whole bucket (a sum over a slice is a partial sum)."""
     return not program.shaped_values and all(
         s.block.scope() in (Scope.ELEMENTWISE, Scope.GLOBAL) and all(spec.kind is not StateKind.TENSOR for _, spec in s.states)
         for s in program.steps
     )
 
 
-def global_nodes(buckets: Sequence[BucketArgs]) -> list[GlobalKey]:
+def global_nodes(buckets: Sequence[BucketArgs]) -> list[NodeKey]:
     """The GLOBAL blocks of the buckets' graphs, in the order the step runs them."""
-    keys: list[GlobalKey] = []
+    keys: list[NodeKey] = []
     for b in buckets:
         for s in b.program.steps:
             key = (b.program.graph_name, s.name)
@@ -69,22 +84,66 @@ def global_nodes(buckets: Sequence[BucketArgs]) -> list[GlobalKey]:
     return keys
 
 
+def verdict_node(program: Program) -> NodeKey | None:
+    """How far a dry pass runs the program to take the finiteness check as the whole step takes it: to its
+    last block that offers sums to the check (``Block.WITNESS_PORTS``), or to its last GLOBAL block where
+    that comes later (that block's summing pass runs anyway). None: no block offers any, and the check reads
+    the gradients themselves. A GLOBAL block offers its sums in ``reduce``, where such a pass stops."""
+    offering = [k for k, s in enumerate(program.steps) if s.block.WITNESS_PORTS]
+    if not offering:
+        return None
+    summed = [k for k, s in enumerate(program.steps) if s.block.scope() is Scope.GLOBAL]
+    return program.graph_name, program.steps[max([offering[-1], *summed])].name
+
+
+def steps_whole(program: Program, check_finite: bool) -> bool:
+    """Whether the program's buckets are better stepped whole, for their matrix work (per-tensor work in the
+    parameter's shape: scope TENSOR, not ``Block.SUMS_PER_TENSOR``):
+
+    - batched matrix work on runs of equal shapes (``Block.TILED_RUNS``: Newton-Schulz) takes the step's
+      time, and a chunk that splits a run would batch it otherwise (a lone matrix takes ``addmm``, as
+      torch.optim.Muon does, where a batch takes ``baddbmm``), which changes the bits;
+    - a dry pass (a GLOBAL block's sums, the finiteness verdict) that would repeat matrix work (a subspace
+      projection, its basis refresh) costs more than chunking saves: while the check's pass ran the graph
+      up to subset-norm, projection included, adamw-snsm at 10M parameters took 219 ms a step chunked against
+      191 whole (132 chunked without the check). Its pass squares the gradient alone now; a graph whose
+      checked sums read a projection (subset-norm with ``stats`` projected) would still repeat it.
+    """
+    if any(s.block.TILED_RUNS for s in program.steps):
+        return True
+    verdict = verdict_node(program) if check_finite else None
+    stops = [s.name for s in program.steps if s.block.scope() is Scope.GLOBAL] + ([verdict[1]] if verdict else [])
+    dry = {name for stop in stops for name in dry_plan(program, stop, check_finite)}
+    return any(s.block.scope() is Scope.TENSOR and not s.block.SUMS_PER_TENSOR for s in program.steps if s.name in dry)
+
+
 @dataclass(frozen=True)
 class Chunk:
-    """Elements ``start:end`` of a bucket, which hold segments ``first:last`` (the edge ones in part)."""
+    """Elements ``start:end`` of a bucket's buffer, which hold segments ``first:last`` (the edge ones in part
+    where the chunk may end inside a parameter). ``tensor_rows`` are the ``(run, lo, hi)`` rows of the
+    per-tensor states (one ``(count, ...)`` tensor per run of equal shapes) that belong to the chunk."""
 
     start: int
     end: int
     first: int
     last: int
     args: BucketArgs
+    tensor_rows: tuple[tuple[int, int, int], ...] = ()
 
 
 def plan_chunks(args: BucketArgs, size: int) -> tuple[Chunk, ...]:
-    """The bucket cut every ``size`` elements. A chunk's segments are the parts of the parameters it holds,
-    flat: elementwise blocks look at no shape, and the missing-gradient mask is broadcast over the parts."""
+    """The bucket cut into chunks of at most ``size`` elements: anywhere where the graph allows
+    (:func:`cuts_inside_parameters`), else between parameters."""
     if args.numel == 0:  # empty parameters only: one empty chunk
         return (Chunk(0, 0, 0, len(args.segments), args),)
+    if cuts_inside_parameters(args.program):
+        return _slices(args, size)
+    return _whole_parameters(args, size)
+
+
+def _slices(args: BucketArgs, size: int) -> tuple[Chunk, ...]:
+    """The bucket cut every ``size`` elements. A chunk's segments are the parts of the parameters it holds,
+    flat: elementwise blocks look at no shape, and the missing-gradient mask is broadcast over the parts."""
     chunks, first = [], 0
     for start in range(0, args.numel, size):
         end = min(start + size, args.numel)
@@ -102,6 +161,28 @@ def plan_chunks(args: BucketArgs, size: int) -> tuple[Chunk, ...]:
     return tuple(chunks)
 
 
+def _whole_parameters(args: BucketArgs, size: int) -> tuple[Chunk, ...]:
+    """Consecutive parameters, as many as fit in ``size`` elements (one at least). A parameter spans its
+    buffer up to the next one's offset: in a tiled bucket its padding too, so a chunk is whole tiles."""
+    segments, runs = args.segments, shape_runs(args.segments)
+    spans = [s.offset for s in segments[1:]] + [args.numel]  # where each parameter's span ends
+    chunks, first = [], 0
+    while first < len(segments):
+        start, last = segments[first].offset, first + 1
+        while last < len(segments) and spans[last] - start <= size:
+            last += 1
+        end = spans[last - 1]
+        parts = tuple(Segment(s.offset - start, s.numel, s.shape) for s in segments[first:last])
+        rows = tuple(
+            (k, max(first, r.first) - r.first, min(last, r.first + r.count) - r.first)
+            for k, r in enumerate(runs) if r.first < last and r.first + r.count > first
+        )
+        part_args = replace(args, segments=parts, numel=end - start, positions=args.positions[first:last])
+        chunks.append(Chunk(start, end, first, last, part_args, rows))
+        first = last
+    return tuple(chunks)
+
+
 def _all_finite(tensors: Sequence[torch.Tensor], home: torch.device) -> torch.Tensor:
     """One 0-d bool: no element of ``tensors`` is inf or NaN.
 
@@ -116,56 +197,74 @@ def build_eager_step(buckets: Sequence[BucketArgs], check_finite: bool, size: in
     """The eager step: :func:`build_step`'s, run chunk by chunk where the buckets are on a CPU.
 
     ``size`` is the chunk length in elements (default: ``CHUNK_NUMEL_PER_THREAD`` per torch thread, as
-    the step is built). An optimizer with any graph that is not all elementwise or GLOBAL runs whole: the
-    finiteness check reads the per-tensor and per-subset sums its blocks form (``BlockContext.witness``),
-    which exist only once a whole tensor has run.
+    the step is built). Where no bucket has more than one chunk, or one graph is better stepped whole
+    (:func:`steps_whole`: every bucket's verdict must be known before any writes), this is the whole-bucket step.
     """
     whole = build_step(buckets, check_finite)
     size = size or CHUNK_NUMEL_PER_THREAD * max(1, torch.get_num_threads())
-    if not all(chunkable(b.program) for b in buckets) or all(b.numel <= size for b in buckets):
-        return whole
     plans = [plan_chunks(b, size) for b in buckets]
+    if all(len(chunks) == 1 for chunks in plans) or any(steps_whole(b.program, check_finite) for b in buckets):
+        return whole
     # every chunk but the last writes its elements only; the last ones together also write the shared scalars
     inner = [[build_step([c.args], False, write_shared=False) for c in chunks[:-1]] for chunks in plans]
     last = build_step([chunks[-1].args for chunks in plans], False)
-    # the states cut with the bucket (the others, SCALAR, are whole in every chunk)
-    elementwise = [{k for k, spec in b.program.state_specs.items() if spec.kind is StateKind.ELEMENTWISE} for b in buckets]
-    # one summing pass per GLOBAL block, over the chunks of its graph's buckets; the graph's last one also checks
-    passes = global_nodes(buckets)
-    closing = {key[0]: key for key in passes}  # each graph's last GLOBAL block
-    summing = {  # key -> (bucket, chunk, its partial-sums function) for every chunk of the key's graph
-        key: [(i, c, build_partial_sums([c.args], key, check_finite and closing[key[0]] == key))
-              for i, chunks in enumerate(plans) if buckets[i].program.graph_name == key[0] for c in chunks]
-        for key in passes
+    kinds = [{k: spec.kind for k, spec in b.program.state_specs.items()} for b in buckets]
+    verdict_at = [verdict_node(b.program) if check_finite else None for b in buckets]
+    # one summing pass per GLOBAL block, over the chunks of the buckets that run it; a bucket's verdict is
+    # taken in the pass that reaches its verdict node: a summing pass, or a pass of its own after them
+    summing = {
+        key: [(i, c, build_dry_pass(c.args, key, verdict_at[i] == key))
+              for i, chunks in enumerate(plans) if any(s.name == key[1] for s in buckets[i].program.steps)
+              and buckets[i].program.graph_name == key[0] for c in chunks]
+        for key in global_nodes(buckets)
     }
-    read_directly = [b.program.graph_name not in closing for b in buckets]  # checked from the gradients themselves
+    checking = [(i, c, build_dry_pass(c.args, verdict_at[i], True))
+                for i, chunks in enumerate(plans) if verdict_at[i] is not None and verdict_at[i] not in summing
+                for c in chunks]
+    read_directly = [at is None for at in verdict_at]  # checked from the gradients themselves
 
     def step(params, grads, states, steps, envs, actives, extras, skipped=None):
         if any(p.device.type != "cpu" for p in params):
             return whole(params, grads, states, steps, envs, actives, extras, skipped)
 
         def cut(i: int, chunk: Chunk) -> tuple[Any, ...]:
-            """Bucket ``i``'s arguments, cut to ``chunk``."""
-            part = slice(chunk.start, chunk.end)
-            state = {k: v[part] if k in elementwise[i] else v for k, v in states[i].items()}
+            """Bucket ``i``'s arguments, cut to ``chunk``: full-size values along their first axis (elements,
+            parameters or tiles, whichever the layout has), per-tensor states by their runs' rows."""
+            if chunk.start == 0 and chunk.end == buckets[i].numel:  # the whole bucket (an empty one included)
+                return params[i], grads[i], states[i], steps[i], envs[i], actives[i], extras[i]
+
+            def rows(value: torch.Tensor) -> torch.Tensor:
+                per_row = buckets[i].numel // value.shape[0]
+                return value[chunk.start // per_row : chunk.end // per_row]
+
+            state = {}
+            for k, v in states[i].items():
+                kind = kinds[i][k]
+                if kind is StateKind.ELEMENTWISE:
+                    v = rows(v)
+                elif kind is StateKind.TENSOR:
+                    v = [v[run][lo:hi] for run, lo, hi in chunk.tensor_rows]
+                state[k] = v
             active = None if actives[i] is None else actives[i][chunk.first : chunk.last]
-            extra = {k: v[part] for k, v in extras[i].items()}
-            return params[i][part], grads[i][part], state, steps[i], envs[i], active, extra
+            extra = {k: rows(v) for k, v in extras[i].items()}
+            return rows(params[i]), rows(grads[i]), state, steps[i], envs[i], active, extra
 
         def call(fn: StepFn, pieces: list[tuple[Any, ...]], **kwargs: Any) -> Any:
             return fn(*(list(column) for column in zip(*pieces)), **kwargs)
 
         home = skipped.device if skipped is not None else params[0].device
-        totals: dict[GlobalKey, dict[str, torch.Tensor]] = {}
+        totals: dict[NodeKey, dict[str, torch.Tensor]] = {}
         verdicts = []
-        for key in passes:
+        for key, passes in summing.items():
             sums = None
-            for i, chunk, fn in summing[key]:
+            for i, chunk, fn in passes:
                 piece, ok = call(fn, [cut(i, chunk)], totals=totals)
                 sums = piece if sums is None else {k: sums[k] + piece[k] for k in sums}
                 if ok is not None:
                     verdicts.append(ok)
             totals[key] = sums
+        for i, chunk, fn in checking:
+            verdicts.append(call(fn, [cut(i, chunk)], totals=totals)[1])
         if check_finite:
             checked = [g for i in range(len(buckets)) if read_directly[i] for g in (grads[i], *extras[i].values())]
             verdict = torch.stack([_all_finite(checked, home), *(ok.to(home) for ok in verdicts)]).all()

@@ -73,6 +73,8 @@ class BlockContext:
         # 0-d bool on the host (for work the host launches or skips) and on the parameters' device.
         self.due: tuple[torch.Tensor, torch.Tensor] | None = None
         self.witnesses: dict[str, list[torch.Tensor]] = {}
+        # the running block's Block.WITNESS_PORTS, set by the lowering (None: any port, for a context used alone)
+        self.witness_ports: tuple[str, ...] | None = None
 
     # ---- scalars ------------------------------------------------------------------------------------
     def value(self, field: float | Expr | None) -> Any:
@@ -126,6 +128,9 @@ class BlockContext:
         less range than float32 and bfloat16 (float16 overflows at 256 squared) are not taken: they would
         skip ordinary steps. ``terms_dtype`` is the type the terms were formed in; the sums' own by default.
         """
+        if self.witness_ports is not None and port not in self.witness_ports:
+            raise RuntimeError(f"a block offered the finiteness check sums over port {port!r}, which is not in its "
+                               "WITNESS_PORTS: declare it there, so that the chunked eager step's check reads them too")
         source = self.reading.get(port)
         if source is None or source in self.witnesses:
             return

@@ -30,8 +30,8 @@ from opdsl.compiled.layout import Segment
 from opdsl.graph import Reference, execution_order, parse_ref
 from opdsl.spec import GraphSpec
 
-__all__ = ["NodeStep", "PlanError", "Program", "Source", "build_program", "build_step", "build_partial_sums", "state_key",
-           "due_key", "BucketArgs", "reads_source", "GlobalKey"]
+__all__ = ["NodeStep", "PlanError", "Program", "Source", "build_program", "build_step", "build_dry_pass", "dry_plan", "state_key",
+           "due_key", "BucketArgs", "reads_source", "NodeKey"]
 
 
 def state_key(node: str, name: str) -> str:
@@ -176,12 +176,12 @@ class _Run:
 StepFn = Callable[..., Any]
 
 
-GlobalKey = tuple[str, str]  # (graph, node) of a GLOBAL block: its sums run over every bucket of the graph
-Totals = Mapping[GlobalKey, Mapping[str, torch.Tensor]]
+NodeKey = tuple[str, str]  # (graph, node); a GLOBAL block's sums run over every bucket of its graph
+Totals = Mapping[NodeKey, Mapping[str, torch.Tensor]]
 
 
 class _Nodes:
-    """The buckets' graphs, node by node: what :func:`build_step` and :func:`build_partial_sums` both run."""
+    """The buckets' graphs, node by node: what :func:`build_step` and :func:`build_dry_pass` both run."""
 
     def __init__(self, buckets: Sequence[BucketArgs]):
         self.buckets = tuple(buckets)
@@ -204,28 +204,35 @@ class _Nodes:
         return runs
 
     def run(self, runs: list[_Run], home: torch.device, given: Totals | None = None,
-            until: GlobalKey | None = None, witness_given: bool = False) -> dict[str, torch.Tensor] | None:
+            until: NodeKey | None = None, dry: Mapping[str, frozenset[str]] | None = None) -> dict[str, torch.Tensor] | None:
         """Every node of every graph, in order. A GLOBAL block's sums are added over its graph's buckets
-        before its forward runs, or taken from ``given`` (``witness_given``: summed anyway, unused, so that
-        the finiteness check reads its witnesses); with ``until``, stop at that GLOBAL node and return its sums."""
+        before its forward runs, or taken from ``given``. ``dry`` (a dry pass, :func:`dry_plan`) names what
+        to run of each node: ``reduce``, ``witness`` (``Block.offer_witnesses``), ``forward``; a node it
+        leaves out is skipped. With ``until``, stop at that node: at a GLOBAL one after its reduce,
+        returning its sums; at any other after the rest."""
         for graph_name, members in self.by_graph.items():
             for node in self.order[graph_name]:
                 active = [(i, s) for i in members for s in self.buckets[i].program.steps if s.name == node]
-                if not active:
+                acts = frozenset({"forward"}) if dry is None else dry.get(node, frozenset())
+                if not active or not acts:
                     continue
                 block = active[0][1].block
                 for i, _ in active:
                     runs[i].ctx.due = runs[i].ctx.env.get(due_key(node))
+                    runs[i].ctx.witness_ports = block.WITNESS_PORTS
                 totals = None
                 if block.scope() is Scope.GLOBAL:
                     totals = (given or {}).get((graph_name, node))
-                    if totals is None or witness_given or (graph_name, node) == until:
+                    if totals is None or "reduce" in acts:  # a dry pass sums for the node's sums or its witnesses
                         partials = [block.reduce(runs[i].ctx, _inputs(runs[i], s), _node_state(runs[i], s)) for i, s in active]
                         summed = {k: sum(p[k].to(home) for p in partials) for k in partials[0]}
                         if (graph_name, node) == until:
                             return summed
                         totals = summed if totals is None else totals
-                for i, s in active:
+                if "witness" in acts:
+                    for i, s in active:
+                        s.block.offer_witnesses(runs[i].ctx, _inputs(runs[i], s, block.WITNESS_PORTS), _node_state(runs[i], s))
+                for i, s in active if "forward" in acts else ():
                     run = runs[i]
                     here = None if totals is None else {k: v.to(run.ctx.param.device) for k, v in totals.items()}
                     out, new = s.block.forward(run.ctx, _inputs(run, s), _node_state(run, s), here)
@@ -233,6 +240,8 @@ class _Nodes:
                     _note_carried(run, s)
                     for key, value in new.items():
                         run.new_state[state_key(s.name, key)] = value
+                if (graph_name, node) == until:
+                    return None
         return None
 
 
@@ -248,7 +257,7 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool, write_shared: 
     ``write_shared=False`` leaves the step counts and SCALAR states as they are, for a caller that steps a
     bucket in pieces (:mod:`opdsl.compiled.chunking`): every piece must read them as they were before the step.
     Such a caller also passes ``totals``, every GLOBAL block's sums over the whole buckets
-    (:func:`build_partial_sums`), which a piece could not form alone.
+    (:func:`build_dry_pass`), which a piece could not form alone.
     """
     nodes = _Nodes(buckets)
 
@@ -285,23 +294,52 @@ def build_step(buckets: Sequence[BucketArgs], check_finite: bool, write_shared: 
     return step
 
 
-def build_partial_sums(buckets: Sequence[BucketArgs], node: GlobalKey, check_finite: bool) -> Callable[..., Any]:
-    """For a caller that steps buckets in pieces: GLOBAL block ``node``'s sums over these buckets, written nowhere.
+def build_dry_pass(bucket: BucketArgs, node: NodeKey, check_finite: bool) -> Callable[..., Any]:
+    """For a caller that steps a bucket in pieces: the graph run up to ``node`` over one piece, written nowhere,
+    and only as far as the answer needs (:func:`dry_plan`).
 
-    The returned function takes :func:`build_step`'s arguments and ``totals`` (the sums of the GLOBAL blocks
-    before ``node``, over the whole buckets) and returns ``(sums, ok)``: the piece's share of ``node``'s
-    sums, and with ``check_finite`` the finiteness check of the piece's gradients as the whole step takes it,
-    through the sums every GLOBAL block up to ``node`` offers (the caller asks at its graph's last one).
+    The returned function takes :func:`build_step`'s arguments (lists of one) and ``totals`` (the sums of the
+    GLOBAL blocks before ``node``, over the whole buckets) and returns ``(sums, ok)``: the piece's share of
+    ``node``'s sums if it is a GLOBAL block (else None), and with ``check_finite`` the finiteness check of the
+    piece's gradients as the whole step takes it, through the sums every block up to ``node`` offers (the
+    caller asks at its graph's last block with ``Block.WITNESS_PORTS``).
     """
-    nodes = _Nodes(buckets)
+    nodes = _Nodes([bucket])
+    plan = dry_plan(bucket.program, node[1], check_finite)
 
-    def partial(params, grads, states, steps, envs, actives, extras, totals):
+    def dry(params, grads, states, steps, envs, actives, extras, totals):
         home = params[0].device
         runs = nodes.runs(params, grads, states, steps, envs, extras)
-        sums = nodes.run(runs, home, totals, until=node, witness_given=check_finite)
+        sums = nodes.run(runs, home, totals, until=node, dry=plan)
         return sums, _all_finite(grads, extras, runs, home) if check_finite else None
 
-    return partial
+    return dry
+
+
+def dry_plan(program: Program, until: str, check_finite: bool) -> dict[str, frozenset[str]]:
+    """What a dry pass up to node ``until`` runs of each node: ``reduce`` for the GLOBAL ``until`` (its sums)
+    and, with the check, for every GLOBAL block that offers sums to it; ``witness`` for any other block that
+    offers them (``Block.offer_witnesses``); ``forward`` for a node whose output one of those reads. The
+    rest is skipped: a pass for the check alone reads what the check's sums read and nothing else."""
+    steps = program.steps[: next(k for k, s in enumerate(program.steps) if s.name == until) + 1]
+    needed: set[str] = set()
+    plan: dict[str, frozenset[str]] = {}
+    for s in reversed(steps):
+        is_global = s.block.scope() is Scope.GLOBAL
+        offers = check_finite and bool(s.block.WITNESS_PORTS)
+        acts = set()
+        if s.name in needed:
+            acts.add("forward")
+        if is_global and (s.name == until or offers):
+            acts.add("reduce")
+        elif offers and not acts:
+            acts.add("witness")
+        if not acts:
+            continue
+        plan[s.name] = frozenset(acts)
+        ports = s.block.WITNESS_PORTS if acts == {"witness"} else [port for port, _ in s.inputs]
+        needed.update(src.key for port, src in s.inputs if port in ports and not src.from_state)
+    return plan
 
 
 def _as_scalars(value: Any) -> Any:
@@ -329,9 +367,11 @@ def _read(run: _Run, src: "Source") -> torch.Tensor:
     return value.reshape(()) if src.scalar else value
 
 
-def _inputs(run: _Run, s: NodeStep) -> dict[str, torch.Tensor]:
-    run.ctx.reading = {port: None if ref.from_state else run.carried.get(ref.key, ref.key) for port, ref in s.inputs}
-    return {port: _read(run, ref) for port, ref in s.inputs}
+def _inputs(run: _Run, s: NodeStep, ports: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """The node's inputs (on ``ports`` only, where given), noting which source each port reads."""
+    inputs = [(port, ref) for port, ref in s.inputs if ports is None or port in ports]
+    run.ctx.reading = {port: None if ref.from_state else run.carried.get(ref.key, ref.key) for port, ref in inputs}
+    return {port: _read(run, ref) for port, ref in inputs}
 
 
 def _note_carried(run: _Run, s: NodeStep) -> None:
