@@ -111,8 +111,8 @@ class Optimizer(torch.optim.Optimizer):
         params: parameters, ``named_parameters()`` (names enable routing by name), or param-group dicts.
         spec: a shipped spec name (``"adamw"``), a path to a YAML file, or a loaded :class:`Spec`.
         compile: ``True`` (default) runs the step under torch.compile; ``False`` runs the same function
-            eagerly (on a CPU, graphs without reductions over cache-sized chunks of each bucket, with the
-            same numbers); a dict passes options to torch.compile.
+            eagerly (on a CPU over cache-sized chunks of each bucket, with the same numbers, see
+            ``compiled/chunking.py``); a dict passes options to torch.compile.
         on_nonfinite: ``"skip"`` (default), ``"error"`` or ``"propagate"`` (see the module docs).
         maximize: step along the gradient instead of against it, as torch.optim's ``maximize``: every
             block sees the negated gradient. A group option like the hyperparameters (a group dict may set
