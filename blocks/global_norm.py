@@ -73,8 +73,11 @@ class GlobalNorm(Block):
         return previous + start + sq
 
     def offer_witnesses(self, ctx, x, state):
-        """Per tensor: the sums of squares of ``stats``, which the finiteness check reads; returned for forward."""
-        sq = ctx.segment_sum(self._squares(x["stats"]))
+        self._tensor_squares(ctx, x["stats"])
+
+    def _tensor_squares(self, ctx, stats: torch.Tensor) -> torch.Tensor:
+        """Per tensor: the sum of squares of ``stats``, offered to the finiteness check (it reads this, not stats)."""
+        sq = ctx.segment_sum(self._squares(stats))
         ctx.witness("stats", [sq])
         return sq
 
@@ -86,7 +89,7 @@ class GlobalNorm(Block):
             denom = b2.sqrt() if isinstance(eps, float) and eps == 0.0 else b2.sqrt() + eps
             return u / ctx.once(denom.to(u.dtype)), {"b2": b2}
         previous = torch.cat([b.reshape(-1) for b in state["b2"]])  # one (count, 1) tensor per run
-        sq = self.offer_witnesses(ctx, x, state)
+        sq = self._tensor_squares(ctx, x["stats"])
         b2 = self._accumulated(ctx, previous, sq)
         denom = b2.sqrt() if isinstance(eps, float) and eps == 0.0 else b2.sqrt() + eps
         new = [b.reshape(-1, 1) for b in ctx.run_slices(b2)]

@@ -232,14 +232,15 @@ class _Nodes:
                 if "witness" in acts:
                     for i, s in active:
                         s.block.offer_witnesses(runs[i].ctx, _inputs(runs[i], s, block.WITNESS_PORTS), _node_state(runs[i], s))
-                for i, s in active if "forward" in acts else ():
-                    run = runs[i]
-                    here = None if totals is None else {k: v.to(run.ctx.param.device) for k, v in totals.items()}
-                    out, new = s.block.forward(run.ctx, _inputs(run, s), _node_state(run, s), here)
-                    run.values[s.name] = out
-                    _note_carried(run, s)
-                    for key, value in new.items():
-                        run.new_state[state_key(s.name, key)] = value
+                if "forward" in acts:
+                    for i, s in active:
+                        run = runs[i]
+                        here = None if totals is None else {k: v.to(run.ctx.param.device) for k, v in totals.items()}
+                        out, new = s.block.forward(run.ctx, _inputs(run, s), _node_state(run, s), here)
+                        run.values[s.name] = out
+                        _note_carried(run, s)
+                        for key, value in new.items():
+                            run.new_state[state_key(s.name, key)] = value
                 if (graph_name, node) == until:
                     return None
         return None
