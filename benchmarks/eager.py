@@ -12,6 +12,7 @@ optimizer for (adagrad-norm, sgdol, the scsadamw family) get no torch column.
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import time
 from typing import Any, Callable
@@ -21,6 +22,9 @@ import torch
 import harness as H
 import opdsl
 from opdsl.compiled import chunking
+from opdsl.compiled.lowering import build_step
+
+optimizer_module = importlib.import_module("opdsl.optimizer")
 
 # spec -> (hyperparameters given to both, torch's optimizer); torch's runs its foreach step
 RIVALS: dict[str, tuple[dict[str, Any], type[torch.optim.Optimizer]]] = {
@@ -33,16 +37,20 @@ RIVALS: dict[str, tuple[dict[str, Any], type[torch.optim.Optimizer]]] = {
 }
 
 
-def opdsl_eager(spec: str, chunk: int, **options: Any) -> Callable[[list[torch.nn.Parameter]], Any]:
-    """An eager opdsl optimizer whose step is built with ``chunk`` elements per thread (huge: whole buckets)."""
+def opdsl_eager(spec: str, chunk: int | None, **options: Any) -> Callable[[list[torch.nn.Parameter]], Any]:
+    """An eager opdsl optimizer whose step is built with ``chunk`` elements per thread (None: the whole-bucket
+    step, ``lowering.build_step`` run eagerly, as before chunking)."""
     def make(params: list[torch.nn.Parameter]) -> Any:
         opt = opdsl.Optimizer(params, spec, compile=False, **options)
-        before = chunking.CHUNK_NUMEL_PER_THREAD
-        chunking.CHUNK_NUMEL_PER_THREAD = chunk
+        before = chunking.CHUNK_NUMEL_PER_THREAD, optimizer_module.build_eager_step
+        if chunk is None:
+            optimizer_module.build_eager_step = lambda buckets, check_finite: build_step(buckets, check_finite)
+        else:
+            chunking.CHUNK_NUMEL_PER_THREAD = chunk
         try:
             opt.step(_no_closure) if opt._needs_grad2 else opt.step()  # builds the step at this chunk size
         finally:
-            chunking.CHUNK_NUMEL_PER_THREAD = before
+            chunking.CHUNK_NUMEL_PER_THREAD, optimizer_module.build_eager_step = before
         return opt
 
     return make
@@ -70,7 +78,7 @@ def main() -> None:
         makers = {
             "chunked": opdsl_eager(spec, chunking.CHUNK_NUMEL_PER_THREAD, **hyper),
             "chunked, no check": opdsl_eager(spec, chunking.CHUNK_NUMEL_PER_THREAD, on_nonfinite="propagate", **hyper),
-            "whole buckets": opdsl_eager(spec, 1 << 62, **hyper),
+            "whole buckets": opdsl_eager(spec, None, **hyper),
         }
         if rival is not None:
             makers["torch foreach"] = lambda params: rival(params, foreach=True, **hyper)

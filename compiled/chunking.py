@@ -16,8 +16,9 @@ Where a chunk may end depends on the graph:
 - any other graph (per-tensor sums, per-row statistics, per-tensor projections and states) is cut between
   parameters: a chunk holds whole parameters, and a parameter larger than a chunk is one alone. Its
   per-tensor values are then those of the whole bucket (they never depended on other parameters);
-- an optimizer with a graph whose matrix work would be split or repeated (Newton-Schulz on runs of equal
-  shapes; a projection before the finiteness check's sums) runs whole (``steps_whole``).
+- a bucket whose Newton-Schulz runs a chunk would split is one chunk (``keeps_runs_whole``), and an
+  optimizer whose dry passes would repeat matrix work (a projection the check's sums read) runs whole
+  (``steps_whole``).
 
 What a chunk cannot decide alone is decided first or last:
 
@@ -53,8 +54,8 @@ from opdsl.blocks.base import Scope, StateKind
 from opdsl.compiled.layout import Segment, shape_runs
 from opdsl.compiled.lowering import BucketArgs, NodeKey, Program, StepFn, build_dry_pass, build_step, dry_plan
 
-__all__ = ["CHUNK_NUMEL_PER_THREAD", "cuts_inside_parameters", "global_nodes", "verdict_node", "steps_whole",
-           "plan_chunks", "build_eager_step"]
+__all__ = ["CHUNK_NUMEL_PER_THREAD", "cuts_inside_parameters", "global_nodes", "verdict_node", "keeps_runs_whole",
+           "steps_whole", "plan_chunks", "build_eager_step"]
 
 # Elements per chunk and torch thread (512 KB of float32 per temporary). Adamax over 10M parameters on one
 # thread of a 2-core Xeon, in one process: 173 ms a step at 32K, 138 at 64K, 133 at 128K, 132 at 256K, 552
@@ -96,21 +97,23 @@ def verdict_node(program: Program) -> NodeKey | None:
     return program.graph_name, program.steps[max([offering[-1], *summed])].name
 
 
-def steps_whole(program: Program, check_finite: bool) -> bool:
-    """Whether the program's buckets are better stepped whole, for their matrix work (per-tensor work in the
-    parameter's shape: scope TENSOR, not ``Block.SUMS_PER_TENSOR``):
+def keeps_runs_whole(program: Program) -> bool:
+    """Whether the program's buckets are one chunk each: batched matrix work on runs of equal shapes
+    (``Block.TILED_RUNS``: Newton-Schulz) takes their step's time, and a chunk that split a run would batch
+    it otherwise (a lone matrix takes ``addmm``, as torch.optim.Muon does, where a batch takes ``baddbmm``),
+    which changes the bits. The optimizer's other graphs (MuAdam's AdamW on vectors) still chunk."""
+    return any(s.block.TILED_RUNS for s in program.steps)
 
-    - batched matrix work on runs of equal shapes (``Block.TILED_RUNS``: Newton-Schulz) takes the step's
-      time, and a chunk that splits a run would batch it otherwise (a lone matrix takes ``addmm``, as
-      torch.optim.Muon does, where a batch takes ``baddbmm``), which changes the bits;
-    - a dry pass (a GLOBAL block's sums, the finiteness verdict) that would repeat matrix work (a subspace
-      projection, its basis refresh) costs more than chunking saves: while the check's pass ran the graph
-      up to subset-norm, projection included, adamw-snsm at 10M parameters took 219 ms a step chunked against
-      191 whole (132 chunked without the check). Its pass squares the gradient alone now; a graph whose
-      checked sums read a projection (subset-norm with ``stats`` projected) would still repeat it.
+
+def steps_whole(program: Program, check_finite: bool) -> bool:
+    """Whether an optimizer with this program is better stepped whole, every bucket: when a dry pass (a
+    GLOBAL block's sums, the finiteness verdict) would repeat matrix work (per-tensor work in the
+    parameter's shape: scope TENSOR, not ``Block.SUMS_PER_TENSOR``; a subspace projection, its basis
+    refresh), which costs more than chunking saves. While the check's pass ran the graph up to
+    subset-norm, projection included, adamw-snsm at 10M parameters took 219 ms a step chunked against 191
+    whole (132 chunked without the check). Its pass squares the gradient alone now; a graph whose checked
+    sums read a projection (subset-norm with ``stats`` projected) would still repeat it.
     """
-    if any(s.block.TILED_RUNS for s in program.steps):
-        return True
     verdict = verdict_node(program) if check_finite else None
     stops = [s.name for s in program.steps if s.block.scope() is Scope.GLOBAL] + ([verdict[1]] if verdict else [])
     dry = {name for stop in stops for name in dry_plan(program, stop, check_finite)}
@@ -134,8 +137,8 @@ class Chunk:
 def plan_chunks(args: BucketArgs, size: int) -> tuple[Chunk, ...]:
     """The bucket cut into chunks of at most ``size`` elements: anywhere where the graph allows
     (:func:`cuts_inside_parameters`), else between parameters."""
-    if args.numel == 0:  # empty parameters only: one empty chunk
-        return (Chunk(0, 0, 0, len(args.segments), args),)
+    if args.numel == 0 or keeps_runs_whole(args.program):  # one chunk: empty parameters only, or Newton-Schulz
+        return (Chunk(0, args.numel, 0, len(args.segments), args),)
     if cuts_inside_parameters(args.program):
         return _slices(args, size)
     return _whole_parameters(args, size)
@@ -197,19 +200,25 @@ def build_eager_step(buckets: Sequence[BucketArgs], check_finite: bool, size: in
     """The eager step: :func:`build_step`'s, run chunk by chunk where the buckets are on a CPU.
 
     ``size`` is the chunk length in elements (default: ``CHUNK_NUMEL_PER_THREAD`` per torch thread, as
-    the step is built). Where no bucket has more than one chunk, or one graph is better stepped whole
-    (:func:`steps_whole`: every bucket's verdict must be known before any writes), this is the whole-bucket step.
+    the step is built). It is the whole-bucket step where one graph is better stepped whole
+    (:func:`steps_whole`: every bucket's verdict must be known before any writes), and where no bucket has
+    more than one chunk, unless the check reads the gradients themselves: taken first on the host (an
+    ``aminmax`` per gradient, writes without ``torch.where``), it made AdamW's eager step over 100K
+    parameters 1.2 ms against 1.6 (torch's foreach step 1.8).
     """
     whole = build_step(buckets, check_finite)
     size = size or CHUNK_NUMEL_PER_THREAD * max(1, torch.get_num_threads())
     plans = [plan_chunks(b, size) for b in buckets]
-    if all(len(chunks) == 1 for chunks in plans) or any(steps_whole(b.program, check_finite) for b in buckets):
+    verdict_at = [verdict_node(b.program) if check_finite else None for b in buckets]
+    # Buckets of one chunk each gain nothing from chunks, but a check read from the gradients is still
+    # cheaper taken first on the host: an `aminmax` per gradient, and writes without `torch.where`.
+    one_chunk = all(len(chunks) == 1 for chunks in plans)
+    if (one_chunk and (not check_finite or any(verdict_at))) or any(steps_whole(b.program, check_finite) for b in buckets):
         return whole
     # every chunk but the last writes its elements only; the last ones together also write the shared scalars
     inner = [[build_step([c.args], False, write_shared=False) for c in chunks[:-1]] for chunks in plans]
     last = build_step([chunks[-1].args for chunks in plans], False)
     kinds = [{k: spec.kind for k, spec in b.program.state_specs.items()} for b in buckets]
-    verdict_at = [verdict_node(b.program) if check_finite else None for b in buckets]
     # one summing pass per GLOBAL block, over the chunks of the buckets that run it; a bucket's verdict is
     # taken in the pass that reaches its verdict node: a summing pass, or a pass of its own after them
     summing = {

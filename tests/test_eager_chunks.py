@@ -12,6 +12,7 @@ that order's rounding, and their skip decisions exactly.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from typing import Iterator
 
 import pytest
@@ -36,17 +37,24 @@ SPECS = ["adamw", "nadam", "radam", "asgd", "rprop", "adadelta", "lion", "sgd", 
 # per-tensor sums (lamb, coba, per-tensor norms in tiled buckets), per-subset sums in (count, *shape) buckets,
 # per-tensor states and projections (the subspace specs)
 PER_TENSOR_SPECS = ["lamb", "coba", "adamw-sn", "adagrad-sn", "adamw-sm", "adamw-snsm"]
+# Newton-Schulz on the matrices, one chunk a bucket; AdamW on the vectors, chunked
+MATRIX_SPECS = ["muon", "muadam", "muadam-sania"]
+
+
+WHOLE = 0  # a chunk size that stands for the oracle: the whole-bucket step, `build_step` run eagerly
 
 
 @contextlib.contextmanager
 def _chunk_size(per_thread: int) -> Iterator[None]:
-    """Steps built inside are cut every ``per_thread`` elements per thread (1 << 30: whole buckets)."""
-    before = chunking.CHUNK_NUMEL_PER_THREAD
-    chunking.CHUNK_NUMEL_PER_THREAD = per_thread
-    try:
+    """Eager steps built inside are cut every ``per_thread`` elements per thread; WHOLE: they are the
+    whole-bucket step."""
+    with pytest.MonkeyPatch.context() as patch:
+        if per_thread == WHOLE:
+            patch.setattr(importlib.import_module("opdsl.optimizer"), "build_eager_step",
+                          lambda buckets, check_finite: build_step(buckets, check_finite))
+        else:
+            patch.setattr(chunking, "CHUNK_NUMEL_PER_THREAD", per_thread)
         yield
-    finally:
-        chunking.CHUNK_NUMEL_PER_THREAD = before
 
 
 def _trained(spec: str, chunk: int, steps: int = 12, **options) -> tuple[list[torch.Tensor], dict, int]:
@@ -75,13 +83,13 @@ def _trained(spec: str, chunk: int, steps: int = 12, **options) -> tuple[list[to
                 params[-2].grad.view(-1)[3] = float("nan")
             opt.step()
         chunked = opt._step_fn.__qualname__.startswith("build_eager_step")
-        assert chunked == (chunk < 1 << 30), "the small chunk must cut the model's buckets"
+        assert chunked == (chunk != WHOLE), "the small chunk must cut the model's buckets"
     return [p.detach().clone() for p in params], opt.state_dict(), opt.skipped_steps
 
 
-@pytest.mark.parametrize("spec", SPECS + PER_TENSOR_SPECS)
+@pytest.mark.parametrize("spec", SPECS + PER_TENSOR_SPECS + MATRIX_SPECS)
 def test_chunked_eager_step_equals_the_whole_bucket_step(spec: str, one_thread) -> None:
-    whole_params, whole_state, whole_skipped = _trained(spec, chunk=1 << 30)
+    whole_params, whole_state, whole_skipped = _trained(spec, chunk=WHOLE)
     params, state, skipped = _trained(spec, chunk=SMALL_CHUNK)
     assert whole_skipped == skipped == 1
     _assert_equal(whole_params, whole_state, params, state, spec)
@@ -124,10 +132,11 @@ def test_what_runs_in_a_dry_pass_and_which_graphs_step_whole(one_thread) -> None
     assert lowering.dry_plan(projected, "sn", check_finite=True) == {"sm": {"forward"}, "sn": {"witness"}}
     assert chunking.steps_whole(projected, check_finite=True)
     assert not chunking.steps_whole(projected, check_finite=False)
-    for name in ("muon", "muadam"):  # Newton-Schulz on runs of equal shapes: never split
-        assert chunking.steps_whole(_args(name, [(4, 4)]).program, check_finite=False)
-    for name in ("lamb", "coba", "adamw-sn", "adamw-sm", "adagrad-norm"):
+    for name in ("lamb", "coba", "adamw-sn", "adamw-sm", "adagrad-norm", "muadam"):
         assert not chunking.steps_whole(_args(name, [(4, 4)]).program, check_finite=True)
+    for name in ("muon", "muadam"):  # Newton-Schulz on runs of equal shapes: never split
+        args = _args(name, [(4, 4), (4, 4), (8, 4)])
+        assert chunking.keeps_runs_whole(args.program) and len(chunking.plan_chunks(args, 16)) == 1
 
 
 def _args(spec_name: str, shapes: list[tuple[int, ...]]) -> BucketArgs:
@@ -191,10 +200,14 @@ def test_chunks_of_whole_parameters(tile: int) -> None:
         assert c.tensor_rows == tuple(rows)
 
 
-def test_buckets_within_one_chunk_take_the_whole_bucket_step() -> None:
-    args = [_args("adamw", [(8, 8), (8,)])]
-    assert chunking.build_eager_step(args, True, size=1000).__qualname__ == build_step(args, True).__qualname__
-    assert chunking.build_eager_step(args, True, size=16).__qualname__ != build_step(args, True).__qualname__
+def test_buckets_of_one_chunk_take_the_whole_bucket_step_unless_a_check_reads_the_gradients() -> None:
+    """One chunk a bucket gains nothing from chunking, but a check read from the gradients (adamw; not
+    adamw-sn, which reads its subset sums) is cheaper taken on the host first: aminmax, no torch.where."""
+    whole = build_step([_args("adamw", [(8, 8)])], True).__qualname__
+    for name, check, size, chunked in [("adamw", True, 1000, True), ("adamw", False, 1000, False),
+                                       ("adamw", False, 16, True), ("adamw-sn", True, 1000, False)]:
+        args = [_args(name, [(8, 8), (8,)])]
+        assert (chunking.build_eager_step(args, check, size=size).__qualname__ != whole) == chunked, (name, check, size)
 
 
 def test_finiteness_verdict_reads_every_gradient_and_ignores_empty_ones() -> None:
@@ -222,7 +235,7 @@ def test_empty_parameters_beside_chunked_buckets(one_thread) -> None:
         assert int(opt.state_dict()["state"][3]["step"]) == 3
         return [p.detach().clone() for p in floats]
 
-    assert all(torch.equal(a, b) for a, b in zip(trained(1 << 30), trained(SMALL_CHUNK)))
+    assert all(torch.equal(a, b) for a, b in zip(trained(WHOLE), trained(SMALL_CHUNK)))
 
 
 GLOBAL_SPECS = ["adagrad-norm", "scsadamw", "scsadamw-sigmoid", "sgdol"]  # sums over the whole model
@@ -260,7 +273,7 @@ def _stepped(spec: str, chunk: int, dtype: torch.dtype, poison: float = float("n
 def test_chunked_global_sums_agree_with_the_whole_bucket_step(spec: str, one_thread) -> None:
     """float64, where the sums' order shows only in their last bits: parameters and states within 1e-12 of
     their scale (a float64 sum of n terms regrouped moves by about n * 1e-16 of its terms' sum)."""
-    whole_params, whole_state, whole_skipped = _stepped(spec, 1 << 30, torch.float64)
+    whole_params, whole_state, whole_skipped = _stepped(spec, WHOLE, torch.float64)
     params, state, skipped = _stepped(spec, SMALL_CHUNK, torch.float64)
     assert whole_skipped == skipped == 1
     for a, b in zip(whole_params, params):
@@ -272,7 +285,7 @@ def test_chunked_global_sums_agree_with_the_whole_bucket_step(spec: str, one_thr
     assert all(p.isfinite().all() for p in params)
 
 
-@pytest.mark.parametrize("chunk", [1 << 30, SMALL_CHUNK])
+@pytest.mark.parametrize("chunk", [WHOLE, SMALL_CHUNK])
 @pytest.mark.parametrize("spec", ["adagrad-norm", "adamw-sn", "coba"])
 def test_chunked_step_skips_an_overflowing_square_as_the_whole_step_does(spec: str, chunk: int, one_thread) -> None:
     """float32, |g| = 1e20 in a chunk far from the first: its square overflows the sum a block offers the
