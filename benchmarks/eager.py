@@ -2,6 +2,7 @@
 
     python benchmarks/eager.py                               # 10M parameters in 101 tensors, 1 thread
     python benchmarks/eager.py --size 1e6 --threads 2 --specs adamw sgd
+    python benchmarks/eager.py --size 1e5 --steps 20                 # small steps: time 20 a sample
 
 opdsl's eager step runs over cache-sized chunks of each bucket (``opdsl/compiled/chunking.py``): cut
 anywhere for graphs whose blocks are elementwise or global sums, between parameters for the others;
@@ -66,11 +67,12 @@ def main() -> None:
     parser.add_argument("--size", type=float, default=1e7, help="parameters, in 101 tensors (harness.sized_shapes)")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--steps", type=int, default=1, help="steps per timed sample (their mean): more for small sizes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [shape for _, shape in H.sized_shapes(args.size, 101)]
     print(f"{H.machine_line('cpu')}\n{sum(map(lambda s: torch.Size(s).numel(), shapes)) / 1e6:.2f}M parameters "
-          f"in {len(shapes)} tensors, float32; median of {args.rounds} interleaved rounds, ms\n")
+          f"in {len(shapes)} tensors, float32; median of {args.rounds} interleaved rounds of {args.steps} step(s), ms\n")
     print("| spec | chunked | chunked, no check | whole buckets | torch foreach | whole / chunked | chunked / torch |")
     print("|---|---|---|---|---|---|---|")
     for spec in args.specs:
@@ -97,17 +99,20 @@ def main() -> None:
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[: r % len(names)]:
                 opt = optimizers[name]
-                for p, saved in refills.get(name, []):
-                    p.grad.copy_(saved)
                 step = (lambda: opt.step(_no_closure)) if name in refills else opt.step
-                start = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - start)
+                elapsed = 0.0
+                for _ in range(args.steps):
+                    for p, saved in refills.get(name, []):
+                        p.grad.copy_(saved)
+                    start = time.perf_counter()
+                    step()
+                    elapsed += time.perf_counter() - start
+                times[name].append(elapsed / args.steps)
         ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-        torch_ms = f"{ms['torch foreach']:.1f}" if rival else "-"
+        shown = {name: f"{t:.2f}" if t < 10 else f"{t:.1f}" for name, t in ms.items()}  # 3 digits at least
         torch_ratio = f"{ms['chunked'] / ms['torch foreach']:.2f}" if rival else "-"
-        print(f"| {spec} | {ms['chunked']:.1f} | {ms['chunked, no check']:.1f} | {ms['whole buckets']:.1f} | "
-              f"{torch_ms} | {ms['whole buckets'] / ms['chunked']:.2f} | {torch_ratio} |")
+        print(f"| {spec} | {shown['chunked']} | {shown['chunked, no check']} | {shown['whole buckets']} | "
+              f"{shown.get('torch foreach', '-')} | {ms['whole buckets'] / ms['chunked']:.2f} | {torch_ratio} |")
         del optimizers
         H.release_memory(torch.device("cpu"))
 
