@@ -2,13 +2,14 @@
 
     python benchmarks/eager.py                               # 10M parameters in 101 tensors, 1 thread
     python benchmarks/eager.py --size 1e6 --threads 2 --specs adamw sgd
-    python benchmarks/eager.py --size 1e5 --steps 20                 # small steps: time 20 a sample
+    python benchmarks/eager.py --size 1e5 --steps 20         # small steps: 20 timed a sample
 
 opdsl's eager step runs over cache-sized chunks of each bucket (``opdsl/compiled/chunking.py``): cut
 anywhere for graphs whose blocks are elementwise or global sums, between parameters for the others;
-"whole buckets" is the same step with chunking off, as it ran before. All contenders step the same parameter list with the same gradients, interleaved (order
-rotated every round); the table gives medians and the ratios between them. Specs torch has no
-optimizer for (adagrad-norm, sgdol, the scsadamw family) get no torch column.
+"whole buckets" is the whole-bucket step (``lowering.build_step`` run eagerly), as it ran before chunking.
+All contenders step the same parameter list with the same gradients, interleaved (order rotated every
+round); the table gives medians and the ratios between them. Specs torch has no optimizer for
+(adagrad-norm, sgdol, the scsadamw family, ...) get no torch column.
 """
 from __future__ import annotations
 
