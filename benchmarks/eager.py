@@ -14,7 +14,6 @@ round); the table gives medians and the ratios between them. Specs torch has no 
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
 import time
 from typing import Any, Callable
@@ -24,9 +23,6 @@ import torch
 import harness as H
 import opdsl
 from opdsl.compiled import chunking
-from opdsl.compiled.lowering import build_step
-
-optimizer_module = importlib.import_module("opdsl.optimizer")
 
 # spec -> (hyperparameters given to both, torch's optimizer); torch's runs its foreach step
 RIVALS: dict[str, tuple[dict[str, Any], type[torch.optim.Optimizer]]] = {
@@ -44,15 +40,12 @@ def opdsl_eager(spec: str, chunk: int | None, **options: Any) -> Callable[[list[
     step, ``lowering.build_step`` run eagerly, as before chunking)."""
     def make(params: list[torch.nn.Parameter]) -> Any:
         opt = opdsl.Optimizer(params, spec, compile=False, **options)
-        before = chunking.CHUNK_NUMEL_PER_THREAD, optimizer_module.build_eager_step
-        if chunk is None:
-            optimizer_module.build_eager_step = lambda buckets, check_finite: build_step(buckets, check_finite)
-        else:
-            chunking.CHUNK_NUMEL_PER_THREAD = chunk
+        before = chunking.CHUNK_NUMEL_PER_THREAD
+        chunking.CHUNK_NUMEL_PER_THREAD = chunk
         try:
             opt.step(_no_closure) if opt._needs_grad2 else opt.step()  # builds the step at this chunk size
         finally:
-            chunking.CHUNK_NUMEL_PER_THREAD, optimizer_module.build_eager_step = before
+            chunking.CHUNK_NUMEL_PER_THREAD = before
         return opt
 
     return make

@@ -60,8 +60,9 @@ __all__ = ["CHUNK_NUMEL_PER_THREAD", "cuts_inside_parameters", "global_nodes", "
 # Elements per chunk and torch thread (512 KB of float32 per temporary). Adamax over 10M parameters on one
 # thread of a 2-core Xeon, in one process: 173 ms a step at 32K, 138 at 64K, 133 at 128K, 132 at 256K, 552
 # whole; smaller chunks pay the step's per-operation overhead more often. A multiple of every vector width,
-# so chunk edges fall between vectors.
-CHUNK_NUMEL_PER_THREAD = 1 << 17
+# so chunk edges fall between vectors. None turns chunking off: the eager step is the whole-bucket one
+# (the oracle the tests and benchmarks/eager.py compare against).
+CHUNK_NUMEL_PER_THREAD: int | None = 1 << 17
 
 
 def cuts_inside_parameters(program: Program) -> bool:
@@ -200,13 +201,15 @@ def build_eager_step(buckets: Sequence[BucketArgs], check_finite: bool, size: in
     """The eager step: :func:`build_step`'s, run chunk by chunk where the buckets are on a CPU.
 
     ``size`` is the chunk length in elements (default: ``CHUNK_NUMEL_PER_THREAD`` per torch thread, as
-    the step is built). It is the whole-bucket step where one graph is better stepped whole
+    the step is built). It is the whole-bucket step where chunking is off (``CHUNK_NUMEL_PER_THREAD`` None), where one graph is better stepped whole
     (:func:`steps_whole`: every bucket's verdict must be known before any writes), and where no bucket has
     more than one chunk, unless the check reads the gradients themselves: taken first on the host (an
     ``aminmax`` per gradient, writes without ``torch.where``), it made AdamW's eager step over 100K
     parameters 1.16 ms against 1.45 (torch's foreach step 1.57).
     """
     whole = build_step(buckets, check_finite)
+    if size is None and CHUNK_NUMEL_PER_THREAD is None:
+        return whole
     size = size or CHUNK_NUMEL_PER_THREAD * max(1, torch.get_num_threads())
     plans = [plan_chunks(b, size) for b in buckets]
     verdict_at = [verdict_node(b.program) if check_finite else None for b in buckets]

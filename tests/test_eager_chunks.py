@@ -12,7 +12,6 @@ that order's rounding, and their skip decisions exactly.
 from __future__ import annotations
 
 import contextlib
-import importlib
 from typing import Iterator
 
 import pytest
@@ -41,23 +40,19 @@ PER_TENSOR_SPECS = ["lamb", "coba", "adamw-sn", "adagrad-sn", "adamw-sm", "adamw
 MATRIX_SPECS = ["muon", "muadam", "muadam-sania"]
 
 
-WHOLE = 0  # a chunk size that stands for the oracle: the whole-bucket step, `build_step` run eagerly
+WHOLE = None  # chunking off: the oracle, the whole-bucket step (`build_step` run eagerly)
 
 
 @contextlib.contextmanager
-def _chunk_size(per_thread: int) -> Iterator[None]:
+def _chunk_size(per_thread: int | None) -> Iterator[None]:
     """Eager steps built inside are cut every ``per_thread`` elements per thread; WHOLE: they are the
     whole-bucket step."""
     with pytest.MonkeyPatch.context() as patch:
-        if per_thread == WHOLE:
-            patch.setattr(importlib.import_module("opdsl.optimizer"), "build_eager_step",
-                          lambda buckets, check_finite: build_step(buckets, check_finite))
-        else:
-            patch.setattr(chunking, "CHUNK_NUMEL_PER_THREAD", per_thread)
+        patch.setattr(chunking, "CHUNK_NUMEL_PER_THREAD", per_thread)
         yield
 
 
-def _trained(spec: str, chunk: int, steps: int = 12, **options) -> tuple[list[torch.Tensor], dict, int]:
+def _trained(spec: str, chunk: int | None, steps: int = 12, **options) -> tuple[list[torch.Tensor], dict, int]:
     """A transformer's parameters stepped eagerly at ``chunk`` elements per thread, on seeded gradients.
 
     Its vectors are float64, two of them in the matrices' group (two buckets of different dtypes sharing one
@@ -222,7 +217,7 @@ def test_finiteness_verdict_reads_every_gradient_and_ignores_empty_ones() -> Non
 
 def test_empty_parameters_beside_chunked_buckets(one_thread) -> None:
     """A bucket of empty parameters only (its own dtype) is one empty chunk; the others still chunk."""
-    def trained(chunk: int) -> list[torch.Tensor]:
+    def trained(chunk: int | None) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(0)
         floats = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((300,), (0, 4), (70,))]
         doubles = [torch.nn.Parameter(torch.zeros(0, dtype=torch.float64))]
@@ -241,8 +236,8 @@ def test_empty_parameters_beside_chunked_buckets(one_thread) -> None:
 GLOBAL_SPECS = ["adagrad-norm", "scsadamw", "scsadamw-sigmoid", "sgdol"]  # sums over the whole model
 
 
-def _stepped(spec: str, chunk: int, dtype: torch.dtype, poison: float = float("nan"),
-                              steps: int = 10) -> tuple[list[torch.Tensor], dict, int]:
+def _stepped(spec: str, chunk: int | None, dtype: torch.dtype, poison: float = float("nan"),
+             steps: int = 10) -> tuple[list[torch.Tensor], dict, int]:
     """A transformer's parameters (all ``dtype``, two groups: one sum spans both) stepped eagerly at ``chunk``
     elements per thread, on seeded gradients from a closure (SGDOL calls it twice a step). Some steps miss
     gradients; at step 5 one entry of a late matrix is ``poison``."""
@@ -287,7 +282,7 @@ def test_chunked_global_sums_agree_with_the_whole_bucket_step(spec: str, one_thr
 
 @pytest.mark.parametrize("chunk", [WHOLE, SMALL_CHUNK])
 @pytest.mark.parametrize("spec", ["adagrad-norm", "adamw-sn", "coba"])
-def test_chunked_step_skips_an_overflowing_square_as_the_whole_step_does(spec: str, chunk: int, one_thread) -> None:
+def test_chunked_step_skips_an_overflowing_square_as_the_whole_step_does(spec: str, chunk: int | None, one_thread) -> None:
     """float32, |g| = 1e20 in a chunk far from the first: its square overflows the sum a block offers the
     finiteness check (global, per subset, per tensor). Every chunk's sums are taken before any writes, so
     the step is skipped and nothing moves, as over whole buckets."""
