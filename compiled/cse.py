@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch._functorch.compile_utils import fx_graph_cse
-from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 __all__ = ["SharedScalars"]
 
@@ -26,5 +26,5 @@ class SharedScalars(CustomGraphPass):
             graph.erase_node(node)
         graph.output(graph.graph_copy(deduplicated, {}))
 
-    def uuid(self) -> str:
-        return "opdsl.compiled.cse.SharedScalars/1"
+    def uuid(self) -> str:  # the source's hash: a changed pass never reuses a step cached before
+        return get_hash_for_files((__file__,), "SharedScalars").hex()

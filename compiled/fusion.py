@@ -4,7 +4,8 @@ The step closes over the static plan and takes only tensors, with hyperparameter
 as tensors of shape (1,) (``plan.scalar_slot``), so a learning-rate schedule or any other hyperparameter
 change never recompiles.
 
-Inductor gets one graph pass of ours: common-subexpression elimination (``compiled.cse``).
+Inductor gets two graph passes of ours (``compiled.passes``): common-subexpression elimination
+(``compiled.cse``), then the scalars each loop reads realised before it (``compiled.loop_scalars``).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def fuse(step: Callable[..., Any], compile: bool | dict[str, Any]) -> Callable[.
     if isinstance(compile, dict):
         options.update(compile)
     if options.get("backend", "inductor") == "inductor":
-        from opdsl.compiled.cse import SharedScalars  # imports inductor: only once a step is compiled
+        from opdsl.compiled.passes import StepPasses  # imports inductor: only once a step is compiled
 
         mode = options.pop("mode", None)  # torch.compile takes a mode or options, not both
         preset = torch._inductor.list_mode_options(mode) if mode else {}
@@ -63,7 +64,7 @@ def fuse(step: Callable[..., Any], compile: bool | dict[str, Any]) -> Callable[.
         # update, before its trust ratio) is recomputed in each loop rather than written to a temporary and
         # read back; the step is memory-bound, so the recomputation is the cheaper side. LAMB on 100 equal
         # tensors: 29.5 -> 11.0 ms; adamw, scsadamw, coba, adamw-sn, adagrad-sn, lion, muon within 3%.
-        ours = {"joint_custom_pre_pass": SharedScalars(), "size_asserts": False, "realize_reads_threshold": 100}
+        ours = {"joint_custom_pre_pass": StepPasses(), "size_asserts": False, "realize_reads_threshold": 100}
         options["options"] = {**preset, **ours, **(options.get("options") or {})}
     if hasattr(torch.compiler, "keep_tensor_guards_unsafe"):  # guard filters: torch >= 2.7
         options.setdefault("options", {}).setdefault("guard_filter_fn", _static_guard_filter(step.__code__.co_freevars))

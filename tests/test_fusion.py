@@ -1,6 +1,7 @@
-"""The compiled step's own inductor pass (common subexpressions) and torch.compile's settings."""
+"""The compiled step's own inductor passes (common subexpressions; which passes run) and torch.compile's settings."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import fx
 
@@ -107,3 +108,16 @@ def test_once_gives_the_value_itself_in_every_shape_and_realises_a_row_value_in_
     assert torch.equal(out, scaled(x, rows))
     consumer = code[code.index("x1<static_cast<int64_t>(256L)") : code.index("def call")]  # the loop over x's rows
     assert "sqrt" in code and "sqrt" not in consumer, code
+
+
+def test_the_enabled_graph_passes_are_known_and_key_inductors_cache(monkeypatch):
+    from opdsl.compiled import passes
+
+    both = passes.StepPasses()
+    assert [type(p) for p in both.passes] == list(passes.PASSES.values())  # PASSES order
+    monkeypatch.setattr(passes, "ENABLED", ("shared-scalars",))
+    one = passes.StepPasses()
+    assert one.uuid() != both.uuid()  # a step compiled with other passes is not taken from the cache
+    monkeypatch.setattr(passes, "ENABLED", ("shared-scalars", "hoisting"))
+    with pytest.raises(ValueError, match=r"unknown graph passes \['hoisting'\].*scalars-before-loops"):
+        passes.StepPasses()

@@ -249,7 +249,9 @@ def test_newton_schulz_steps_the_matrices_of_every_shape_in_one_tiled_bucket(spe
 def test_newton_schulz_over_eight_shapes_compiles_a_few_kernels_not_one_per_shape():
     """The elementwise work before and after the matmuls is one loop each over the tiled bucket, whatever the
     number of shapes: the scalars and the finiteness check, the vectors' AdamW, the matrices' momentum and
-    normalization, and their update (a bucket per shape built a C++ kernel per shape, 1-1.5 s of g++ each)."""
+    normalization, and their update (a bucket per shape built a C++ kernel per shape, 1-1.5 s of g++ each).
+    Five, not four, since the scalars the vectors' AdamW loop reads are realised before it
+    (compiled/loop_scalars.py): inductor then groups that work into one C++ kernel more (about 1 s)."""
     from torch._inductor.utils import run_and_get_code
 
     model = nn.Sequential(*[nn.Linear(3 + i, 4 + i) for i in range(8)])
@@ -259,7 +261,7 @@ def test_newton_schulz_over_eight_shapes_compiles_a_few_kernels_not_one_per_shap
     (matrices,) = [b for b in opt._buckets if b.graph == "main"]
     assert matrices.flat.tile > 1 and len(matrices.flat.runs) == 8
     _, (code,) = run_and_get_code(opt.step)
-    assert code.count("async_compile.cpp_pybinding") <= 4, code
+    assert code.count("async_compile.cpp_pybinding") <= 5, code
     # each shape's iterations are one call of the opaque operator, not three traced matmuls per iteration
     assert code.count("torch.ops.opdsl.newton_schulz.default(") == 8, code
     assert "addmm" not in code and "bmm" not in code, code
