@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "Segment", "Run", "FlatBuffers", "shape_runs", "group_by_shape", "run_of", "value_shape",
     "choose_tile", "tiles_of", "into_tiles", "from_tiles", "TILE_SIZES", "TILED_DEVICE_TYPES",
+    "full_buffer", "STAGGER_BYTES", "STAGGERED_DEVICE_TYPES",
 ]
 
 #: Tile lengths a bucket of many shapes may be laid out in, largest first (see :func:`choose_tile`).
@@ -26,6 +27,29 @@ TILE_SIZES: tuple[int, ...] = (1024, 512, 256, 128, 64, 32, 16)
 #: Devices whose torch has the ``segment_reduce`` kernel a tiled bucket sums with; elsewhere a graph that
 #: sums per tensor gets a bucket per shape, as a graph with other per-tensor work does.
 TILED_DEVICE_TYPES = frozenset({"cpu", "cuda"})
+
+
+#: Successive full-size buffers of a bucket start this many bytes apart within a 4 KiB page (0: all alike).
+STAGGER_BYTES = 1024
+#: Devices whose buffers are staggered: measured on CPUs; GPU buffers start where the allocator puts them.
+STAGGERED_DEVICE_TYPES = frozenset({"cpu"})
+_PAGE_BYTES = 4096
+
+
+def full_buffer(numel: int, fill: float, slot: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer of ``numel`` elements set to ``fill``, starting ``slot * STAGGER_BYTES`` bytes (modulo
+    4 KiB) further into its page than a buffer of slot 0 does.
+
+    The step's loops read and write a bucket's buffers (parameters 0, gradients 1, full-size states 2, 3,
+    ...) at the same index together. Large allocations all start at the same place in a page, so those
+    loads and stores share their low 12 address bits, which the CPU's store-to-load disambiguation takes
+    for possible overlaps (4K aliasing). Measured on one core of the AMX Xeon, AdamW's compiled loop over
+    four 10M-element buffers: 14.78 ms at equal offsets, 13.94 / 13.55 / 13.02 ms 64 / 256 / 1024 bytes apart.
+    """
+    shift = 0
+    if torch.device(device).type in STAGGERED_DEVICE_TYPES:
+        shift = slot * STAGGER_BYTES % _PAGE_BYTES // torch.empty((), dtype=dtype).element_size()
+    return torch.full((numel + shift,), fill, dtype=dtype, device=device)[shift:]
 
 
 @dataclass(frozen=True)
@@ -222,8 +246,8 @@ class FlatBuffers:
         self.device, self.dtype = first.device, first.dtype
         with torch.no_grad():
             # zeros: a tiled bucket's padding is stepped with the rest and must start finite
-            self.param = torch.zeros(self.numel, device=self.device, dtype=self.dtype)
-            self.grad = torch.zeros(self.numel, device=self.device, dtype=self.dtype)
+            self.param = full_buffer(self.numel, 0.0, 0, dtype=self.dtype, device=self.device)
+            self.grad = full_buffer(self.numel, 0.0, 1, dtype=self.dtype, device=self.device)
             for p, seg in zip(params, self.segments):
                 self.param[seg.offset : seg.end].copy_(p.detach().reshape(-1))
         self._zeroed_at = self.grad._version  # gradients the parameters already hold are copied in below

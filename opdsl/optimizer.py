@@ -76,6 +76,7 @@ from opdsl.advice import Advice, flattened_refusal, moved_cause, warn_user
 from opdsl.compiled.chunking import build_eager_step
 from opdsl.compiled.fusion import fuse
 from opdsl.compiled.lowering import build_step, due_key, reads_source
+from opdsl.compiled.layout import FlatBuffers, full_buffer
 from opdsl.errors import BindError, StateDictError
 from opdsl.loader import load_spec
 from opdsl.plan import (
@@ -335,7 +336,7 @@ class Optimizer(torch.optim.Optimizer):
         # a kept flat buffer keeps its spare too: it swaps between two buffers, whose views it caches by address
         spares = {id(flat): spare for flat, spare in zip(old_flats, self._first_grads)}
         self._first_grads = (
-            [spares[id(b.flat)] if id(b.flat) in spares else torch.empty_like(b.flat.grad) for b in self._buckets]
+            [spares[id(b.flat)] if id(b.flat) in spares else _spare_grad(b.flat) for b in self._buckets]
             if self._needs_grad2 else []
         )
         # the step forms its shared values (global sums, the finiteness verdict) where this counter lives:
@@ -798,6 +799,12 @@ def _with_names(params: Iterable[Any], names: dict[int, str]) -> list[Any]:
         else:
             out.append(item)
     return out
+
+
+def _spare_grad(flat: FlatBuffers) -> torch.Tensor:
+    """The second gradient buffer of a graph that reads ``grad2``: read beside the first, so staggered from it
+    and from the states (``layout.full_buffer``)."""
+    return full_buffer(flat.numel, 0.0, -1, dtype=flat.dtype, device=flat.device)
 
 
 def _write_env(tensors: dict[str, Any], env: Mapping[str, Any], changed: list[str], device: torch.device) -> None:

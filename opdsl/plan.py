@@ -13,7 +13,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from opdsl.blocks.base import StateKind, StateSpec
-from opdsl.compiled.layout import TILED_DEVICE_TYPES, FlatBuffers, choose_tile, group_by_shape, run_of, value_shape
+from opdsl.compiled.layout import (
+    TILED_DEVICE_TYPES, FlatBuffers, choose_tile, full_buffer, group_by_shape, run_of, value_shape,
+)
 from opdsl.compiled.lowering import BucketArgs, Program, build_program, state_key
 from opdsl.errors import BindError
 from opdsl.expr import Expr
@@ -215,10 +217,11 @@ def _field_hypers(block: Any) -> frozenset[str]:
     return frozenset().union(*(e.hypers for _, e in block.expressions()))
 
 
-def _init_state(spec: StateSpec, flat: FlatBuffers) -> Any:
+def _init_state(spec: StateSpec, flat: FlatBuffers, slot: int) -> Any:
+    """A state's initial value; a full-size one in buffer ``slot`` of the bucket (``layout.full_buffer``)."""
     dtype = spec.dtype or flat.dtype
     if spec.kind is StateKind.ELEMENTWISE:
-        return torch.full((flat.numel,), spec.init, device=flat.device, dtype=dtype)
+        return full_buffer(flat.numel, spec.init, slot, dtype=dtype, device=flat.device)
     if spec.kind is StateKind.TENSOR:  # one (count, *state shape) tensor per run of equal parameter shapes
         assert spec.shape is not None, "TENSOR state needs a shape rule"
         return [
@@ -328,7 +331,7 @@ def build_buckets(
             tiled = tiles and len({p.shape for p in params}) > 1  # one shape: its (count, *shape) views serve
             tile = choose_tile([p.shape for p in params]) if tiled else 1
             flat = reusable.get((tuple(map(id, params)), tile)) or FlatBuffers(params, tile)
-            state = {key: _init_state(s, flat) for key, s in program.state_specs.items()}
+            state = {key: _init_state(s, flat, 2 + i) for i, (key, s) in enumerate(program.state_specs.items())}
             # One counter per group and device, shared by its buckets (they always step together): the scalar
             # math over it (bias corrections, schedules) is then the same expression for every bucket and is
             # traced once, not once per shape.
