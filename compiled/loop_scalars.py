@@ -8,8 +8,9 @@ computed ``1 - beta`` twice and chose between ``torch.lerp``'s two formulas by `
 vector. This pass gives each such scalar its final form first: the value converted to the dtype the loop
 computes in, realised by the small reduction :meth:`BlockContext.once` uses (a maximum over two copies of
 itself), which inductor never inlines. The loop then reads one ready value per scalar. On one core of
-the AMX Xeon at 10M parameters the elementwise steps took 0.90-0.98x as long without the finiteness
-check, 0.92-1.01x with it (docs/performance.md, "Scalars realised before the loops").
+the AMX Xeon at 10M parameters the elementwise steps and LAMB's took 0.89-0.99x as long, the graphs
+dominated by sums or matmuls (scsadamw, coba, muadam) the same (docs/performance.md, "Scalars realised
+before the loops").
 
 Only the scalar operands of elementwise ops whose type promotion converts a 0-d operand to the loop's
 dtype before computing are touched, so the values computed are the same bits: ``benchmarks/
