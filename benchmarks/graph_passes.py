@@ -65,8 +65,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shapes = [shape for _, shape in H.sized_shapes(args.size, 101)]
     print(f"{H.machine_line('cpu')}\n{sum(torch.Size(s).numel() for s in shapes) / 1e6:.2f}M parameters in "
-          f"{len(shapes)} tensors, float32, on_nonfinite={args.on_nonfinite!r}; median of {args.rounds} "
-          f"interleaved rounds of {args.steps} step(s), ms\n")
+          f"{len(shapes)} tensors, float32, on_nonfinite={args.on_nonfinite!r}; two optimizers of each kind, "
+          f"the mean of their medians over {args.rounds} interleaved rounds of {args.steps} step(s), ms\n")
     print(f"| spec | all passes | without {args.without} | all / without | same bits |")
     print("|---|---|---|---|---|")
     without = tuple(n for n in passes.ENABLED if n != args.without)
@@ -95,6 +95,7 @@ def main() -> None:
         print(f"| {spec} | {on:.2f} | {off:.2f} | {on / off:.3f} | {'yes' if equal else 'NO'} |")
         del contenders, pairs
         H.release_memory(torch.device("cpu"))
+
 
 if __name__ == "__main__":
     main()

@@ -109,14 +109,14 @@ def _trajectory(spec: str, dtype: torch.dtype, with_pass: bool, monkeypatch) -> 
     if not with_pass:
         monkeypatch.setattr(passes, "ENABLED", tuple(n for n in passes.ENABLED if n != "scalars-before-loops"))
     model = make_model("stack", dtype=dtype)
-    opt = opdsl.Optimizer(model.parameters(), spec, betas=(0.6, 0.999))  # betas[0] < 0.5 flips torch.lerp's formula
+    opt = opdsl.Optimizer(model.parameters(), spec, betas=(0.6, 0.999))
     for i in range(3):
         opt.zero_grad()
         loss_of(model, "stack", i, dtype).backward()
         opt.step()
         for group in opt.param_groups:  # a hyperparameter changed between steps reaches the realised values
             group["lr"] *= 0.5
-            group["betas"] = (0.3, 0.999)
+            group["betas"] = (0.3, 0.999)  # m's lerp weight 1 - 0.6 < 0.5, then 0.7: torch.lerp's other formula
     monkeypatch.undo()
     return [p.detach().clone() for p in model.parameters()] + [
         v.clone() for s in opt.state.values() for v in s.values() if torch.is_tensor(v)
