@@ -60,27 +60,26 @@ def _is_scalar(node: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.numel() == 1
 
 
-def _computes_in(operands: list[torch.Tensor]) -> torch.dtype | None:
-    """The dtype a loop over these full-size operands computes in; None where the operands hold no float."""
+def _loop_dtype(operands: list[torch.Tensor]) -> torch.dtype | None:
+    """The dtype of a loop over these full-size operands; None where the operands hold no float."""
     dtype = operands[0].dtype
     for value in operands[1:]:
         dtype = torch.promote_types(dtype, value.dtype)
-    if not dtype.is_floating_point:
-        return None
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
+    return dtype if dtype.is_floating_point else None
 
 
-def _read_by_loop(scalar: torch.fx.Node) -> torch.fx.Node | None:
+def _read_by_loop(scalar: torch.fx.Node, loop_dtype: torch.dtype) -> torch.fx.Node | None:
     """The value a loop computing in float32 or float64 reads for the operand ``scalar``; None where there is
     nothing to gain or inductor's rounding must stay its own.
 
     A bfloat16 or float16 loop computes in float32, and inductor drops a scalar's conversion to the low
     precision there: ``(1 - beta).to(torch.bfloat16)`` is read as ``1 - beta`` converted to float32,
-    unrounded. So such a conversion is skipped here too. A scalar with low-precision arithmetic anywhere
+    unrounded. So such a conversion is skipped here too, in a loop of that dtype. A scalar with low-precision arithmetic anywhere
     in its making is left as it is: realised in a kernel of its own, inductor would round where the loop
     did not. So is a constant (made from no input), which the C++ compiler folds into the loop.
     """
-    if scalar.op == "call_function" and scalar.target is prims.convert_element_type.default and scalar.args[1] in _LOW_PRECISION:
+    if (scalar.op == "call_function" and scalar.target is prims.convert_element_type.default
+            and scalar.args[1] in _LOW_PRECISION and scalar.args[1] == loop_dtype):
         scalar = scalar.args[0]
     pending, seen, reads_input = [scalar], set(), False
     while pending:
@@ -117,15 +116,16 @@ class ScalarsBeforeLoops(CustomGraphPass):
                 continue
             operands = [a for a in node.args if isinstance(_value(a), torch.Tensor)]
             full = [_value(a) for a in operands if not _is_scalar(a)]
-            dtype = _computes_in(full) if full else None
-            if dtype is None:
+            loop_dtype = _loop_dtype(full) if full else None
+            if loop_dtype is None:
                 continue
+            dtype = torch.float32 if loop_dtype in _LOW_PRECISION else loop_dtype  # inductor upcasts those
             args = list(node.args)
             for i, arg in enumerate(args):
                 if not _is_scalar(arg):
                     continue
                 wanted = dtype if positions is None or i in positions else torch.bool  # where's condition: bool
-                source = _read_by_loop(arg)
+                source = _read_by_loop(arg, loop_dtype)
                 if source is None or _value(source).dtype.is_complex or _ready(source, wanted):
                     continue
                 args[i] = self._realise(graph, source, wanted, realised)

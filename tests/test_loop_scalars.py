@@ -130,3 +130,14 @@ def test_compiled_adamw_steps_the_same_bits_with_the_pass_and_without(dtype, mon
     assert len(with_pass) == len(without)
     for a, b in zip(with_pass, without):
         assert torch.equal(a, b)
+
+
+def test_a_float32_loop_keeps_a_bfloat16_scalar_as_inductor_reads_it():
+    """Inductor is only known to drop a conversion to bfloat16 in a bfloat16 loop: elsewhere it stays."""
+    as_prims = {aten._to_copy.default: lambda x, dtype=None, **_: torch.ops.prims.convert_element_type(x, dtype)}
+    module = make_fx(lambda v, s: v * s.to(torch.bfloat16), as_prims, tracing_mode="fake")(  # as inductor sees it
+        torch.randn(64), torch.tensor(0.3, dtype=torch.float64)
+    )
+    ScalarsBeforeLoops()(module.graph)
+    ((_, operand),) = scalar_operands(module.graph)
+    assert operand.target is torch.ops.prims.convert_element_type.default and operand.args[1] == torch.bfloat16
