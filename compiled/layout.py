@@ -48,7 +48,7 @@ def full_buffer(numel: int, fill: float, slot: int, *, dtype: torch.dtype, devic
     """
     shift = 0
     if torch.device(device).type in STAGGERED_DEVICE_TYPES:
-        shift = slot * STAGGER_BYTES % _PAGE_BYTES // torch.empty((), dtype=dtype).element_size()
+        shift = slot * STAGGER_BYTES % _PAGE_BYTES // dtype.itemsize
     return torch.full((numel + shift,), fill, dtype=dtype, device=device)[shift:]
 
 

@@ -74,12 +74,13 @@ def _read_by_loop(scalar: torch.fx.Node, loop_dtype: torch.dtype) -> torch.fx.No
 
     A bfloat16 or float16 loop computes in float32, and inductor drops a scalar's conversion to the low
     precision there: ``(1 - beta).to(torch.bfloat16)`` is read as ``1 - beta`` converted to float32,
-    unrounded. So such a conversion is skipped here too, in a loop of that dtype. A scalar with low-precision arithmetic anywhere
-    in its making is left as it is: realised in a kernel of its own, inductor would round where the loop
-    did not. So is a constant (made from no input), which the C++ compiler folds into the loop.
+    unrounded. So such a conversion is skipped here too, in a loop of that dtype. A scalar with
+    low-precision arithmetic anywhere in its making is left as it is: realised in a kernel of its own,
+    inductor would round where the loop did not. So is a constant (made from no input), which the C++
+    compiler folds into the loop.
     """
     if (scalar.op == "call_function" and scalar.target is prims.convert_element_type.default
-            and scalar.args[1] in _LOW_PRECISION and scalar.args[1] == loop_dtype):
+            and loop_dtype in _LOW_PRECISION and scalar.args[1] == loop_dtype):
         scalar = scalar.args[0]
     pending, seen, reads_input = [scalar], set(), False
     while pending:

@@ -218,7 +218,8 @@ def _field_hypers(block: Any) -> frozenset[str]:
 
 
 def _init_state(spec: StateSpec, flat: FlatBuffers, slot: int) -> Any:
-    """A state's initial value; a full-size one in buffer ``slot`` of the bucket (``layout.full_buffer``)."""
+    """A state's initial value; a full-size one in buffer ``slot`` of the bucket (``layout.full_buffer``;
+    other kinds ignore ``slot``)."""
     dtype = spec.dtype or flat.dtype
     if spec.kind is StateKind.ELEMENTWISE:
         return full_buffer(flat.numel, spec.init, slot, dtype=dtype, device=flat.device)
@@ -331,7 +332,9 @@ def build_buckets(
             tiled = tiles and len({p.shape for p in params}) > 1  # one shape: its (count, *shape) views serve
             tile = choose_tile([p.shape for p in params]) if tiled else 1
             flat = reusable.get((tuple(map(id, params)), tile)) or FlatBuffers(params, tile)
-            state = {key: _init_state(s, flat, 2 + i) for i, (key, s) in enumerate(program.state_specs.items())}
+            slots = iter(range(2, 2 + len(program.state_specs)))  # after the parameters' 0 and gradients' 1
+            state = {key: _init_state(s, flat, next(slots) if s.kind is StateKind.ELEMENTWISE else 0)
+                     for key, s in program.state_specs.items()}
             # One counter per group and device, shared by its buckets (they always step together): the scalar
             # math over it (bias corrections, schedules) is then the same expression for every bucket and is
             # traced once, not once per shape.
