@@ -6,9 +6,10 @@ can be used alone:
 * :func:`measure_inplace_bandwidth` - the in-place streaming bandwidth that defines the floor.
 * :func:`gpt2_small_shapes`, :func:`sized_shapes`, :func:`resnet50_shapes` - parameter lists to step on.
 * :class:`Contender` / :class:`Stepper` - a named way of building a step over a parameter list.
-* :func:`run_workload` - builds every contender on its own copy of the parameters, measures the
-  first call (compile), interleaves the timed steps (A B C A B C ..., order rotated every round),
-  and then measures peak extra memory, state bytes and recompiles under a changing LR.
+* :func:`run_workload` - builds every contender on its own copy of the parameters and measures the
+  first call (compile), builds each again twice for timing (A B C C B A: where buffers land moves a
+  step's time), interleaves the timed steps (order rotated every round), and then measures peak extra
+  memory, state bytes and recompiles under a changing LR.
 
 The floor of a step is ``bytes moved per parameter * parameters / bandwidth`` where the bandwidth
 is that of an in-place pass (``x.mul_(c)``: reads and writes every element once) over a buffer that
@@ -515,6 +516,7 @@ class WorkloadReport:
     memory_method: str
     dtype: torch.dtype
     state_theory: tuple[float, str] | None = None  # (state bytes/param in theory, what it is)
+    builds: int = 1  # timed builds of each contender (run_workload)
 
     @property
     def floor_s(self) -> float:
@@ -533,123 +535,61 @@ def run_workload(
     warmup: int = 3,
     recompile_steps: int = 100,
     only_2d: bool = False,
+    builds: int = 2,
     log: Callable[[str], None] = print,
 ) -> WorkloadReport:
-    """Build, first-call, interleave, then measure memory and recompiles for every contender.
+    """First calls, then timed builds, interleaved rounds, then memory and recompiles, for every contender.
 
-    ``bytes_per_param(results)`` gives the spec's own bytes moved per parameter (and a note on
-    where the number came from) once every contender has taken its first step (state exists).
+    1. First calls: each contender is built on its own parameters and takes its first step (for a compiled
+       one, the compile a user sees), then is dropped.
+    2. Timed builds: each contender is built ``builds`` times, in the contenders' order and then reversed
+       (A B C C B A), their first steps warm. Where a step's buffers were allocated moved its time: on the
+       AMX Xeon the optimizer built first in a process, or first after a compile, stepped 5-19% slower
+       than the same optimizer built later, for torch's fused AdamW as for opdsl. Step 1 keeps compiles
+       out of this phase, a ballast of the workload's parameters (CPU) takes the first allocations, and
+       the mirrored order evens out the rest. A second build that would not fit beside the first (free
+       memory after the first below what the first took) is left out; ``WorkloadReport.builds`` says.
+    3. Rounds: every build and an in-place stream pass, the order rotated every round; a contender's time
+       in a round is the mean of its builds'.
+    4. Peak extra memory of one step, state bytes and recompiles over ``recompile_steps`` steps with a
+       changing LR, on each contender's first build.
+
+    ``bytes_per_param(results)`` gives the spec's own bytes moved per parameter (and a note on where the
+    number came from) once every contender has taken its first step (state exists).
     """
     dev = torch.device(device)
     shapes = stepped_shapes(shapes, only_2d)
     prepare_dynamo()
-    results: list[Result] = []
-    steppers: list[Stepper | None] = []
-    params_of: list[list[torch.nn.Parameter]] = []
-    for c in contenders:
-        r = Result(c.name, c.family, c.compiled, note=c.note)
-        results.append(r)
-        params: list[torch.nn.Parameter] = []
-        params_of.append(params)
-        r.numel = numel_of(shapes)
-        try:
-            # Inside the try: at 1e9 parameters on a GPU not every contender fits beside the others, and one
-            # that runs out of memory is reported as such (keep fewer with --only).
-            params += make_params(shapes, dev, dtype, seed=0)
-            t0 = time.perf_counter()
-            s = c.make(params)
-            r.construct_s = time.perf_counter() - t0
-            if s.numel is not None:
-                r.numel = s.numel
-            r.flops = s.flops
-            if s.refill:
-                s.refill()
-            # First call: includes compilation for compiled contenders.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                r.first_call_s = _timed(s.step, dev)
-            steppers.append(s)
-            log(f"  [{workload}/{algo}] {c.name}: built {r.construct_s:.2f}s, first step {r.first_call_s:.2f}s")
-        except Exception as exc:  # noqa: BLE001 - report and keep the others going
-            r.error = f"{type(exc).__name__}: {exc}"[:300]
-            steppers.append(None)
-            params.clear()
-            release_memory(dev)
-            log(f"  [{workload}/{algo}] {c.name}: FAILED {r.error}")
+    results = [Result(c.name, c.family, c.compiled, note=c.note, numel=numel_of(shapes)) for c in contenders]
+    live = [(c, r) for c, r in zip(contenders, results) if _first_call(c, r, shapes, dev, dtype, workload, algo, log)]
+    ballast = make_params(shapes, dev, dtype, seed=1) if dev.type == "cpu" else []
+    instances = _timed_builds(live, builds, shapes, dev, dtype, log)
+    first_build = {id(r): inst for r, inst in reversed(instances)}
 
-    # State bytes (state exists after the first step).
-    for r, s, params in zip(results, steppers, params_of):
-        if s is not None:
-            r.state_bytes, r.state_full_per_param = state_stats(s.optimizer, params)
-
+    for r, (s, params) in ((r, first_build[id(r)]) for _, r in live if id(r) in first_build):
+        r.state_bytes, r.state_full_per_param = state_stats(s.optimizer, params)
     bpp, bpp_note = bytes_per_param(results)
     numel = max((r.numel for r in results if r.error is None), default=numel_of(shapes))
     itemsize = torch.empty((), dtype=dtype).element_size()
     # The stream moves the same bytes as the spec's step: 2 * n * itemsize == bpp * numel.
     stream_n = max(1024, int(bpp * numel / (2 * itemsize)))
     stream = torch.randn(stream_n, device=dev, dtype=torch.float32).to(dtype)
-
-    def stream_step() -> None:
-        stream.mul_(1.0000001)
-
-    stream_times: list[float] = []
-    live = [(r, s) for r, s in zip(results, steppers) if s is not None]
-    order: list[tuple[Result | None, Stepper | None]] = [(None, None)] + live  # None = stream
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for rnd in range(warmup + repeats):
-            k = rnd % len(order)
-            for r, s in order[k:] + order[:k]:  # rotate: no contender always follows the same one
-                if s is None:
-                    t = _timed(stream_step, dev)
-                    if rnd >= warmup:
-                        stream_times.append(t)
-                    continue
-                if s.refill:
-                    s.refill()
-                faults = minor_page_faults()
-                try:
-                    t = _timed(s.step, dev)
-                except Exception as exc:  # noqa: BLE001
-                    r.error = f"{type(exc).__name__}: {exc}"[:300]
-                    continue
-                if rnd >= warmup:
-                    r.times.append(t)
-                    if faults is not None:
-                        r.page_faults.append(minor_page_faults() - faults)
+    stream_times = _interleave(instances, lambda: stream.mul_(1.0000001), dev, repeats, warmup)
     bandwidth = 2 * stream_n * itemsize / statistics.median(stream_times)
-    del stream
+    del stream, ballast
 
-    # Peak extra memory of one steady-state step, then recompiles under a changing LR.
     method = "n/a"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for r, s in live:
-            if r.error:
-                continue
-            if s.refill:
-                s.refill()
-            gc.collect()
-            try:
-                r.peak_extra_bytes, r.kept_bytes, method = peak_extra_memory(s.step, dev)
-            except Exception as exc:  # noqa: BLE001
-                method = f"n/a ({type(exc).__name__})"
-            if r.compiled and recompile_steps > 0 and s.set_lr is not None:
-                before = dynamo_graph_count()
-                try:
-                    for i in range(recompile_steps):
-                        s.set_lr(1e-3 * (1.0 + 0.01 * i))
-                        if s.refill:
-                            s.refill()
-                        s.step()
-                    r.recompiles = dynamo_graph_count() - before
-                except Exception as exc:  # noqa: BLE001
-                    r.error = f"recompile check: {type(exc).__name__}: {exc}"[:300]
+        for r, (s, _) in ((r, first_build[id(r)]) for _, r in live if id(r) in first_build):
+            if r.error is None:
+                method = _memory_and_recompiles(r, s, dev, recompile_steps) or method
     for r in results:
         if r.error is None and not r.times:
             r.error = "no timings"
-    steppers.clear()
-    params_of.clear()
+    builds_made = max((sum(1 for x, _ in instances if x is r) for r in results), default=0)
+    instances.clear()
+    first_build.clear()
     gc.collect()
     return WorkloadReport(
         workload=workload,
@@ -663,7 +603,155 @@ def run_workload(
         results=results,
         memory_method=method,
         dtype=dtype,
+        builds=builds_made,
     )
+
+
+def _first_call(
+    c: Contender, r: Result, shapes: Sequence[tuple[str, Shape]], dev: torch.device, dtype: torch.dtype,
+    workload: str, algo: str, log: Callable[[str], None],
+) -> bool:
+    """Build ``c`` on fresh parameters and time its first step into ``r`` (for compiled contenders, the
+    compile); the build is dropped. False (with ``r.error``) where it fails."""
+    try:
+        # Inside the try: at 1e9 parameters on a GPU not every contender fits, and one that runs out of
+        # memory is reported as such (keep fewer with --only).
+        params = make_params(shapes, dev, dtype, seed=0)
+        t0 = time.perf_counter()
+        s = c.make(params)
+        r.construct_s = time.perf_counter() - t0
+        if s.numel is not None:
+            r.numel = s.numel
+        r.flops = s.flops
+        if s.refill:
+            s.refill()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r.first_call_s = _timed(s.step, dev)
+        log(f"  [{workload}/{algo}] {c.name}: built {r.construct_s:.2f}s, first step {r.first_call_s:.2f}s")
+        return True
+    except Exception as exc:  # noqa: BLE001 - report and keep the others going
+        r.error = f"{type(exc).__name__}: {exc}"[:300]
+        log(f"  [{workload}/{algo}] {c.name}: FAILED {r.error}")
+        return False
+    finally:
+        params = s = None  # noqa: F841 - unreferenced, so that release_memory frees them before the next build
+        release_memory(dev)
+
+
+def _free_bytes(dev: torch.device) -> int | None:
+    """Memory still free for allocations on ``dev`` (None where the OS does not say)."""
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _timed_builds(
+    live: Sequence[tuple[Contender, Result]], builds: int, shapes: Sequence[tuple[str, Shape]],
+    dev: torch.device, dtype: torch.dtype, log: Callable[[str], None],
+) -> list[tuple[Result, tuple[Stepper, list[torch.nn.Parameter]]]]:
+    """Each contender built ``builds`` times, forward then mirrored order, first step taken (warm)."""
+    instances: list[tuple[Result, tuple[Stepper, list[torch.nn.Parameter]]]] = []
+    passes = [list(live), list(reversed(live))] * builds
+    for k, order in enumerate(passes[:builds]):
+        free_before = _free_bytes(dev)
+        for c, r in order:
+            if r.error is not None:
+                continue
+            try:
+                params = make_params(shapes, dev, dtype, seed=0)
+                s = c.make(params)
+                if s.refill:
+                    s.refill()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    s.step()
+                instances.append((r, (s, params)))
+            except Exception as exc:  # noqa: BLE001 - a first build that fails is the contender's error
+                params = s = None  # noqa: F841 - unreferenced, so that release_memory frees them
+                release_memory(dev)
+                if k == 0:
+                    r.error = f"{type(exc).__name__}: {exc}"[:300]
+                else:
+                    log(f"  {r.name}: build {k + 1} left out ({type(exc).__name__}: {exc})"[:300])
+        free_after = _free_bytes(dev)
+        if k + 1 < builds and free_before is not None and free_after is not None and free_after < free_before - free_after:
+            log(f"  build {k + 2} left out: {free_after / 2**30:.1f} GiB free after build {k + 1}, which took "
+                f"{(free_before - free_after) / 2**30:.1f}")
+            break
+    return instances
+
+
+def _interleave(
+    instances: Sequence[tuple[Result, tuple[Stepper, list[torch.nn.Parameter]]]], stream_step: Callable[[], Any],
+    dev: torch.device, repeats: int, warmup: int,
+) -> list[float]:
+    """Timed rounds over every build and the stream, the order rotated every round; each result's time in a
+    round is the mean over its builds. Returns the stream's times."""
+    stream_times: list[float] = []
+    order: list[tuple[Result, Stepper] | None] = [None] + [(r, s) for r, (s, _) in instances]  # None: stream
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for rnd in range(warmup + repeats):
+            k = rnd % len(order)
+            times: dict[int, list[float]] = {}
+            faults: dict[int, list[int]] = {}
+            for entry in order[k:] + order[:k]:  # rotate: no contender always follows the same one
+                if entry is None:
+                    t = _timed(stream_step, dev)
+                    if rnd >= warmup:
+                        stream_times.append(t)
+                    continue
+                r, s = entry
+                if r.error is not None:
+                    continue
+                if s.refill:
+                    s.refill()
+                before = minor_page_faults()
+                try:
+                    times.setdefault(id(r), []).append(_timed(s.step, dev))
+                except Exception as exc:  # noqa: BLE001
+                    r.error = f"{type(exc).__name__}: {exc}"[:300]
+                    continue
+                if before is not None:
+                    faults.setdefault(id(r), []).append(minor_page_faults() - before)
+            if rnd < warmup:
+                continue
+            for r in {id(r): r for r, _ in instances}.values():
+                if r.error is None and id(r) in times:
+                    r.times.append(statistics.fmean(times[id(r)]))
+                    if id(r) in faults:
+                        r.page_faults.append(round(statistics.fmean(faults[id(r)])))
+    return stream_times
+
+
+def _memory_and_recompiles(r: Result, s: Stepper, dev: torch.device, recompile_steps: int) -> str | None:
+    """Peak extra memory of one steady-state step into ``r``, then its recompiles under a changing LR.
+    Returns how the memory was measured."""
+    if s.refill:
+        s.refill()
+    gc.collect()
+    method = None
+    try:
+        r.peak_extra_bytes, r.kept_bytes, method = peak_extra_memory(s.step, dev)
+    except Exception as exc:  # noqa: BLE001
+        method = f"n/a ({type(exc).__name__})"
+    if r.compiled and recompile_steps > 0 and s.set_lr is not None:
+        before = dynamo_graph_count()
+        try:
+            for i in range(recompile_steps):
+                s.set_lr(1e-3 * (1.0 + 0.01 * i))
+                if s.refill:
+                    s.refill()
+                s.step()
+            r.recompiles = dynamo_graph_count() - before
+        except Exception as exc:  # noqa: BLE001
+            r.error = f"recompile check: {type(exc).__name__}: {exc}"[:300]
+    return method
 
 
 # --------------------------------------------------------------------------------------------
@@ -689,6 +777,14 @@ def markdown_table(rep: WorkloadReport) -> str:
         f"median {smed * 1e3:.2f} ms, IQR {siqr * 1e3:.2f} ms) = **{floor_ms:.2f} ms**.",
         "",
     ]
+    if rep.builds > 1:
+        lines += [
+            f"Each contender built {rep.builds} times (in order, then in reverse) and every build timed in every "
+            "round: a row's time in a round is the mean of its builds'.",
+            "",
+        ]
+    else:
+        lines += ["Each contender timed on one build.", ""]
     if rep.state_theory is not None:
         sb = rep.state_theory[0]
         checks = []

@@ -6,7 +6,8 @@
     python benchmarks/step.py --specs adamw --out docs/benchmarks.md
 
 For every (spec, workload) it prints a markdown table: median step time and IQR over interleaved
-rounds (A B C A B C ..., the order rotated every round, warm-up rounds excluded), the floor (the
+rounds (A B C A B C ..., the order rotated every round, warm-up rounds excluded; each contender built
+twice for them, in order and mirrored, after a build of its own for the first call), the floor (the
 spec's own bytes moved per parameter x parameters / in-place streaming bandwidth measured inside
 the same interleaved loop), the ratio to the floor, the first call (compile) time, recompiles over
 ``--recompile-steps`` steps with the LR changed before every step, optimizer-state bytes per
@@ -590,6 +591,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "compiled rivals everywhere: long (an hour or more on 2 CPU cores)")
     ap.add_argument("--repeats", type=int, default=20, help="timed interleaved rounds")
     ap.add_argument("--warmup", type=int, default=3, help="untimed rounds after the first call")
+    ap.add_argument("--builds", type=int, default=2,
+                    help="timed builds of each contender, in order then mirrored (default 2; 1 where a second "
+                    "would not fit in memory)")
     ap.add_argument("--recompile-steps", type=int, default=100, help="steps with a changing LR for the recompile count")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -714,7 +718,7 @@ def measure(args: argparse.Namespace, specs: list[str]) -> Measured:
                 wname, spec, shapes, here,
                 bytes_per_param_fn(algo, itemsize, second_gradient),
                 device=device, dtype=dtype, repeats=args.repeats, warmup=args.warmup,
-                recompile_steps=args.recompile_steps, only_2d=only_2d,
+                recompile_steps=args.recompile_steps, only_2d=only_2d, builds=args.builds,
             )
             rep.state_theory = state_theory_of(spec, shapes, only_2d, itemsize, algo)
             reports.append(rep)
@@ -820,7 +824,11 @@ def write_report(
         f"- {start_load}. The machine may be shared: contenders are interleaved (order rotated every round) "
         "and medians reported.",
         f"- {startup_line(startups)}",
-        f"- Timing: {args.warmup} warm-up rounds, then {args.repeats} timed rounds; IQR = interquartile range.",
+        f"- Timing: {args.warmup} warm-up rounds, then {args.repeats} timed rounds; IQR = interquartile range. "
+        + (f"Each contender takes its first call on a build of its own, then is built {args.builds} times for timing, "
+           "in the contenders' order and then mirrored (where a step's buffers were allocated moved its time by 5-19% "
+           "on the AMX Xeon); a round's time is the mean over its builds (a table says where fewer fitted)."
+           if args.builds > 1 else "Each contender takes its first call on a build of its own, then is built once more for timing."),
         "- Floor = the spec's bytes moved per parameter x parameters / bandwidth of an in-place `x.mul_(c)` pass "
         "over a buffer moving the same bytes, timed inside the same interleaved loop.",
         "- First call = wall time of the first `step()` (includes compilation for compiled contenders; "

@@ -107,3 +107,47 @@ def test_resnet50_workload_is_torchvisions_parameter_list():
     assert len(shapes) == 161 and len({s for _, s in shapes}) == 28
     assert harness.numel_of(shapes) == 25_557_032
     assert len({name for name, _ in shapes}) == 161
+
+
+def test_every_contender_is_timed_over_mirrored_builds_after_its_first_call(monkeypatch):
+    """Where a step's buffers were allocated moved its time, so no contender may always be built first: each
+    takes its first call (the compile) on a build of its own, then is built twice more, in order and then
+    mirrored, and a round's time is the mean over those builds. Each build here reports a known time."""
+    built: list[str] = []
+    seconds = {("a", 1): 0.002, ("a", 2): 0.004, ("b", 1): 0.001, ("b", 2): 0.001}
+    monkeypatch.setattr(harness, "_timed", lambda fn, device: (lambda t: t if isinstance(t, float) else 1e-3)(fn()))
+
+    def contender(name: str) -> harness.Contender:
+        def make(params: list[torch.nn.Parameter]) -> harness.Stepper:
+            built.append(name)
+            nth = built.count(name) - 1  # 0: the first-call build, then timed builds 1 and 2
+            return harness.Stepper(step=lambda: seconds.get((name, nth), 60.0), optimizer=torch.optim.SGD(params, lr=0.1))
+
+        return harness.Contender(name, make)
+
+    report = harness.run_workload(
+        "sized 1e1", "sgd", [("w", (10,))], [contender("a"), contender("b")], lambda results: (12.0, "theory"),
+        repeats=5, warmup=1, recompile_steps=0, log=lambda line: None,
+    )
+    assert built == ["a", "b", "a", "b", "b", "a"] and report.builds == 2
+    a, b = report.results
+    assert a.first_call_s == b.first_call_s == 60.0
+    assert a.times == [pytest.approx(0.003)] * 5 and b.times == [pytest.approx(0.001)] * 5
+
+
+def test_a_second_build_that_would_not_fit_is_left_out(monkeypatch):
+    """The first timed builds took 60 of 100 free bytes: a second set would not fit beside them, so each
+    contender is timed on one build and the report says so."""
+    free = iter([100, 40])
+    monkeypatch.setattr(harness, "_free_bytes", lambda device: next(free))
+    built: list[str] = []
+
+    def make(params: list[torch.nn.Parameter]) -> harness.Stepper:
+        built.append("a")
+        return harness.Stepper(step=lambda: None, optimizer=torch.optim.SGD(params, lr=0.1))
+
+    report = harness.run_workload(
+        "sized 1e1", "sgd", [("w", (10,))], [harness.Contender("a", make)], lambda results: (12.0, "theory"),
+        repeats=3, warmup=0, recompile_steps=0, log=lambda line: None,
+    )
+    assert built == ["a", "a"] and report.builds == 1 and len(report.results[0].times) == 3
