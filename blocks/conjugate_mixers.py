@@ -113,7 +113,8 @@ class MinNormMixer(_DirectionState):
         return new, {"d": new}
 
     def offer_witnesses(self, ctx, x, state):
-        self._offer_distance(ctx, self._terms(x["input"], state["d"])[1])
+        diff = x["input"] - state["d"]  # _terms' distance alone: its other product is for the weight
+        self._offer_distance(ctx, diff * diff)
 
     @staticmethod
     def _offer_distance(ctx, terms: torch.Tensor) -> torch.Tensor:

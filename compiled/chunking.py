@@ -187,7 +187,7 @@ def _whole_parameters(args: BucketArgs, size: int) -> tuple[Chunk, ...]:
     return tuple(chunks)
 
 
-def _all_finite(tensors: Sequence[torch.Tensor], home: torch.device) -> torch.Tensor:
+def _extremes_finite(tensors: Sequence[torch.Tensor], home: torch.device) -> torch.Tensor:
     """One 0-d bool: no element of ``tensors`` is inf or NaN.
 
     From each tensor's least and greatest element (NaN propagates through both, an infinity reaches one): a
@@ -282,7 +282,7 @@ def build_eager_step(buckets: Sequence[BucketArgs], check_finite: bool, size: in
             verdicts.append(call(fn, [cut(i, chunk)], totals=totals)[1])
         if check_finite:
             checked = [g for i in range(len(buckets)) if read_directly[i] for g in (grads[i], *extras[i].values())]
-            verdict = torch.stack([_all_finite(checked, home), *(ok.to(home) for ok in verdicts)]).all()
+            verdict = torch.stack([_extremes_finite(checked, home), *(ok.to(home) for ok in verdicts)]).all()
             if not bool(verdict):  # a CPU tensor: reading it waits for nothing
                 if skipped is not None:
                     skipped.add_(1)
