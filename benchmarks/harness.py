@@ -564,9 +564,9 @@ def run_workload(
     live = [(c, r) for c, r in zip(contenders, results) if _first_call(c, r, shapes, dev, dtype, workload, algo, log)]
     ballast = make_params(shapes, dev, dtype, seed=1) if dev.type == "cpu" else []
     instances = _timed_builds(live, builds, shapes, dev, dtype, log)
-    first_build = {id(r): inst for r, inst in reversed(instances)}
+    first_builds = list({id(r): (r, s, params) for r, (s, params) in reversed(instances)}.values())
 
-    for r, (s, params) in ((r, first_build[id(r)]) for _, r in live if id(r) in first_build):
+    for r, s, params in first_builds:
         r.state_bytes, r.state_full_per_param = state_stats(s.optimizer, params)
     bpp, bpp_note = bytes_per_param(results)
     numel = max((r.numel for r in results if r.error is None), default=numel_of(shapes))
@@ -581,7 +581,7 @@ def run_workload(
     method = "n/a"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for r, (s, _) in ((r, first_build[id(r)]) for _, r in live if id(r) in first_build):
+        for r, s, _ in first_builds:
             if r.error is None:
                 method = _memory_and_recompiles(r, s, dev, recompile_steps) or method
     for r in results:
@@ -589,7 +589,7 @@ def run_workload(
             r.error = "no timings"
     builds_made = max((sum(1 for x, _ in instances if x is r) for r in results), default=0)
     instances.clear()
-    first_build.clear()
+    first_builds.clear()
     gc.collect()
     return WorkloadReport(
         workload=workload,
