@@ -544,7 +544,7 @@ def run_workload(
        one, the compile a user sees), then is dropped.
     2. Timed builds: each contender is built ``builds`` times, in the contenders' order and then reversed
        (A B C C B A), their first steps warm. Where a step's buffers were allocated moved its time: on the
-       AMX Xeon the optimizer built first in a process, or first after a compile, stepped 5-19% slower
+       AMX Xeon the optimizer built first in a process, or first after a compile, stepped 5-20% slower
        than the same optimizer built later, for torch's fused AdamW as for opdsl. Step 1 keeps compiles
        out of this phase, a ballast of the workload's parameters (CPU) takes the first allocations, and
        the mirrored order evens out the rest. A second build that would not fit beside the first (free

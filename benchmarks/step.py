@@ -826,7 +826,7 @@ def write_report(
         f"- {startup_line(startups)}",
         f"- Timing: {args.warmup} warm-up rounds, then {args.repeats} timed rounds; IQR = interquartile range. "
         + (f"Each contender takes its first call on a build of its own, then is built {args.builds} times for timing, "
-           "in the contenders' order and then mirrored (where a step's buffers were allocated moved its time by 5-19% "
+           "in the contenders' order and then mirrored (where a step's buffers were allocated moved its time by 5-20% "
            "on the AMX Xeon); a round's time is the mean over its builds (a table says where fewer fitted)."
            if args.builds > 1 else "Each contender takes its first call on a build of its own, then is built once more for timing."),
         "- Floor = the spec's bytes moved per parameter x parameters / bandwidth of an in-place `x.mul_(c)` pass "
