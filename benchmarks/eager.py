@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Any, Callable
 
 import torch
@@ -55,6 +54,28 @@ def _no_closure() -> None:
     """SGDOL's second gradient: the closure would run forward and backward, which is not the step's cost."""
 
 
+def stepper(make: Callable[[list[torch.nn.Parameter]], Any], steps: int) -> Callable[[list[torch.nn.Parameter]], H.Stepper]:
+    """``make``'s optimizer as the harness steps it: ``steps`` steps a timed sample (their mean is taken by the
+    caller). SGDOL's step leaves its zeroed second buffer as the gradient, so its first gradient is refilled,
+    untimed, before each sample (the later steps of a sample do the same work on other numbers)."""
+    def build(params: list[torch.nn.Parameter]) -> H.Stepper:
+        opt = make(params)
+        step = (lambda: opt.step(_no_closure)) if getattr(opt, "_needs_grad2", False) else opt.step
+        saved = [(p, p.grad.clone()) for p in params] if getattr(opt, "_needs_grad2", False) else []
+
+        def refill() -> None:
+            for p, g in saved:
+                p.grad.copy_(g)
+
+        def sample() -> None:
+            for _ in range(steps):
+                step()
+
+        return H.Stepper(sample, opt, refill=refill if saved else None)
+
+    return build
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--specs", nargs="+", default=["adamw", "adamax", "nadam", "sgd"], choices=sorted(opdsl.shipped_specs()))
@@ -64,9 +85,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="steps per timed sample (their mean): more for small sizes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    shapes = [shape for _, shape in H.sized_shapes(args.size, 101)]
-    print(f"{H.machine_line('cpu')}\n{sum(map(lambda s: torch.Size(s).numel(), shapes)) / 1e6:.2f}M parameters "
-          f"in {len(shapes)} tensors, float32; median of {args.rounds} interleaved rounds of {args.steps} step(s), ms\n")
+    shapes = H.sized_shapes(args.size, 101)
+    cpu = torch.device("cpu")
+    print(f"{H.machine_line('cpu')}\n{H.numel_of(shapes) / 1e6:.2f}M parameters "
+          f"in {len(shapes)} tensors, float32; each contender built twice (in order, then mirrored); median of "
+          f"{args.rounds} interleaved rounds of {args.steps} step(s) of each build, ms\n")
     print("| spec | chunked | chunked, no check | whole buckets | torch foreach | whole / chunked | chunked / torch |")
     print("|---|---|---|---|---|---|---|")
     for spec in args.specs:
@@ -78,37 +101,22 @@ def main() -> None:
         }
         if rival is not None:
             makers["torch foreach"] = lambda params: rival(params, foreach=True, **hyper)
-        optimizers = {}
-        for name, make in makers.items():
-            gen = torch.Generator().manual_seed(0)
-            params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-            optimizers[name] = make(params)
-        # SGDOL's step leaves its second (zeroed) buffer as the gradient: the first is refilled, untimed
-        refills = {name: [(p, p.grad.clone()) for group in opt.param_groups for p in group["params"]]
-                   for name, opt in optimizers.items() if getattr(opt, "_needs_grad2", False)}
-        times: dict[str, list[float]] = {name: [] for name in optimizers}
-        names = list(optimizers)
-        for r in range(args.rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                opt = optimizers[name]
-                step = (lambda: opt.step(_no_closure)) if name in refills else opt.step
-                elapsed = 0.0
-                for _ in range(args.steps):
-                    for p, saved in refills.get(name, []):
-                        p.grad.copy_(saved)
-                    start = time.perf_counter()
-                    step()
-                    elapsed += time.perf_counter() - start
-                times[name].append(elapsed / args.steps)
-        ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        contenders = [H.Contender(name, stepper(make, args.steps)) for name, make in makers.items()]
+        live = [(c, H.Result(c.name, "eager", compiled=False)) for c in contenders]
+        # each built twice, in order and then mirrored: where a step's buffers were allocated moved its time
+        instances = H.timed_builds(live, 2, shapes, cpu, torch.float32, log=print)
+        H.interleave(instances, None, cpu, args.rounds, warmup=1)
+        failed = [f"{r.name}: {r.error}" for _, r in live if r.error]
+        if failed:
+            raise RuntimeError(f"{spec}: " + "; ".join(failed))
+        times = {r.name: r.times for _, r in live}
+        ms = {name: statistics.median(t) / args.steps * 1e3 for name, t in times.items()}
         shown = {name: f"{t:.2f}" if t < 10 else f"{t:.1f}" for name, t in ms.items()}  # 3 digits at least
         torch_ratio = f"{ms['chunked'] / ms['torch foreach']:.2f}" if rival else "-"
         print(f"| {spec} | {shown['chunked']} | {shown['chunked, no check']} | {shown['whole buckets']} | "
               f"{shown.get('torch foreach', '-')} | {ms['whole buckets'] / ms['chunked']:.2f} | {torch_ratio} |")
-        del optimizers
-        H.release_memory(torch.device("cpu"))
+        del instances
+        H.release_memory(cpu)
 
 
 if __name__ == "__main__":

@@ -563,7 +563,7 @@ def run_workload(
     results = [Result(c.name, c.family, c.compiled, note=c.note, numel=numel_of(shapes)) for c in contenders]
     live = [(c, r) for c, r in zip(contenders, results) if _first_call(c, r, shapes, dev, dtype, workload, algo, log)]
     ballast = make_params(shapes, dev, dtype, seed=1) if dev.type == "cpu" else []
-    instances = _timed_builds(live, builds, shapes, dev, dtype, log)
+    instances = timed_builds(live, builds, shapes, dev, dtype, log)
     first_builds = list({id(r): (r, s, params) for r, (s, params) in reversed(instances)}.values())
 
     for r, s, params in first_builds:
@@ -574,7 +574,7 @@ def run_workload(
     # The stream moves the same bytes as the spec's step: 2 * n * itemsize == bpp * numel.
     stream_n = max(1024, int(bpp * numel / (2 * itemsize)))
     stream = torch.randn(stream_n, device=dev, dtype=torch.float32).to(dtype)
-    stream_times = _interleave(instances, lambda: stream.mul_(1.0000001), dev, repeats, warmup)
+    stream_times = interleave(instances, lambda: stream.mul_(1.0000001), dev, repeats, warmup)
     bandwidth = 2 * stream_n * itemsize / statistics.median(stream_times)
     del stream, ballast
 
@@ -650,7 +650,7 @@ def _free_bytes(dev: torch.device) -> int | None:
         return None
 
 
-def _timed_builds(
+def timed_builds(
     live: Sequence[tuple[Contender, Result]], builds: int, shapes: Sequence[tuple[str, Shape]],
     dev: torch.device, dtype: torch.dtype, log: Callable[[str], None],
 ) -> list[tuple[Result, tuple[Stepper, list[torch.nn.Parameter]]]]:
@@ -686,14 +686,16 @@ def _timed_builds(
     return instances
 
 
-def _interleave(
-    instances: Sequence[tuple[Result, tuple[Stepper, list[torch.nn.Parameter]]]], stream_step: Callable[[], Any],
+def interleave(
+    instances: Sequence[tuple[Result, tuple[Stepper, list[torch.nn.Parameter]]]], stream_step: Callable[[], Any] | None,
     dev: torch.device, repeats: int, warmup: int,
 ) -> list[float]:
-    """Timed rounds over every build and the stream, the order rotated every round; each result's time in a
-    round is the mean over its builds. Returns the stream's times."""
+    """Timed rounds over every build (and the stream, where given), the order rotated every round; each
+    result's time in a round is the mean over its builds. Returns the stream's times."""
     stream_times: list[float] = []
-    order: list[tuple[Result, Stepper] | None] = [None] + [(r, s) for r, (s, _) in instances]  # None: stream
+    order: list[tuple[Result, Stepper] | None] = [(r, s) for r, (s, _) in instances]
+    if stream_step is not None:
+        order.insert(0, None)  # None: the stream
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for rnd in range(warmup + repeats):
