@@ -6,7 +6,8 @@
 step.py times the optimizer step alone. This times what the step's design costs the rest of the
 iteration: opdsl keeps gradients as views of a flat buffer, so ``zero_grad()`` zeroes it and backward
 adds into it in place, where torch's default sets gradients to None and keeps backward's fresh
-tensors. Contenders run interleaved (the order rotated every round); the table gives medians.
+tensors. Each contender is built twice (in order, then mirrored) and every build runs in every round,
+interleaved (the order rotated every round); the table gives medians of the rounds' means over the builds.
 """
 from __future__ import annotations
 
@@ -55,13 +56,19 @@ def main() -> None:
         return torch.nn.Sequential(*[torch.nn.Linear(args.width, args.width) for _ in range(args.layers)]).to(device)
 
     x = torch.randn(args.batch, args.width, device=device)
+    # Each contender built twice, in order and then mirrored (where a step's buffers were allocated moved its
+    # time: benchmarks/harness.py, run_workload); a round's time is the mean over the two builds.
+    made = list(contenders().items())
     runs = {}
-    for name, (factory, set_to_none) in contenders().items():
-        model = make_model()
-        runs[name] = (model, factory(model), set_to_none, {phase: [] for phase in PHASES})
+    for build, order in enumerate((made, made[::-1])):
+        for name, (factory, set_to_none) in order:
+            model = make_model()
+            runs[name, build] = (model, factory(model), set_to_none)
+    times = {name: {phase: [] for phase in PHASES} for name, _ in made}
 
-    def iteration(name: str, record: bool) -> None:
-        model, opt, set_to_none, times = runs[name]
+    def iteration(key: tuple[str, int]) -> list[float]:
+        """One iteration of a build; the seconds of each phase."""
+        model, opt, set_to_none = runs[key]
         marks = [time.perf_counter()]
         for phase in PHASES:
             if phase == "zero_grad":
@@ -72,27 +79,30 @@ def main() -> None:
                 model(x).square().mean().backward()
             sync()
             marks.append(time.perf_counter())
-        if record:
-            for phase, start, end in zip(PHASES, marks, marks[1:]):
-                times[phase].append(end - start)
+        return [end - start for start, end in zip(marks, marks[1:])]
 
-    names = list(runs)
-    for name in names:
+    keys = list(runs)
+    for key in keys:
         for _ in range(args.warmup):
-            iteration(name, record=False)
+            iteration(key)
     for r in range(args.rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            iteration(name, record=True)
+        seconds: dict[str, list[list[float]]] = {}
+        for key in keys[r % len(keys):] + keys[: r % len(keys)]:
+            seconds.setdefault(key[0], []).append(iteration(key))
+        for name, builds in seconds.items():
+            for phase, per_build in zip(PHASES, zip(*builds)):
+                times[name][phase].append(statistics.fmean(per_build))
 
-    params = sum(p.numel() for p in runs[names[0]][0].parameters())
+    params = sum(p.numel() for p in runs[keys[0]][0].parameters())
     print(
         f"{args.layers} x Linear({args.width}, {args.width}), {params / 1e6:.1f}M parameters, batch {args.batch}, "
-        f"{device}, {args.threads} thread(s), adamw, median of {args.rounds} interleaved rounds (ms)\n"
+        f"{device}, {args.threads} thread(s), adamw, each contender built twice (in order, then mirrored); median "
+        f"of {args.rounds} interleaved rounds, each the mean over the two builds (ms)\n"
     )
     print("| | " + " | ".join(PHASES) + " | total |")
     print("|---|" + "---|" * (len(PHASES) + 1))
-    for name, (_, _, _, times) in runs.items():
-        medians = [statistics.median(times[phase]) * 1e3 for phase in PHASES]
+    for name, phases in times.items():
+        medians = [statistics.median(phases[phase]) * 1e3 for phase in PHASES]
         print(f"| {name} | " + " | ".join(f"{m:.2f}" for m in medians) + f" | {sum(medians):.2f} |")
 
 
