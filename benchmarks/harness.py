@@ -548,7 +548,8 @@ def run_workload(
        than the same optimizer built later, for torch's fused AdamW as for opdsl. Step 1 keeps compiles
        out of this phase, a ballast of the workload's parameters (CPU) takes the first allocations, and
        the mirrored order evens out the rest. A second build that would not fit beside the first (free
-       memory after the first below what the first took) is left out; ``WorkloadReport.builds`` says.
+       memory after the first below what this process took for it) is left out; ``WorkloadReport.builds``
+       says.
     3. Rounds: every build and an in-place stream pass, the order rotated every round; a contender's time
        in a round is the mean of its builds'.
     4. Peak extra memory of one step, state bytes and recompiles over ``recompile_steps`` steps with a
@@ -650,6 +651,18 @@ def _free_bytes(dev: torch.device) -> int | None:
         return None
 
 
+def _used_bytes(dev: torch.device) -> int | None:
+    """Memory this process holds on ``dev`` (CPU: resident set; CUDA: the caching allocator's reserve), None
+    where the OS does not say. The machine-wide free memory moves with other processes; this does not."""
+    if dev.type == "cuda":
+        return torch.cuda.memory_reserved(dev)
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def timed_builds(
     live: Sequence[tuple[Contender, Result]], builds: int, shapes: Sequence[tuple[str, Shape]],
     dev: torch.device, dtype: torch.dtype, log: Callable[[str], None],
@@ -658,7 +671,7 @@ def timed_builds(
     instances: list[tuple[Result, tuple[Stepper, list[torch.nn.Parameter]]]] = []
     passes = [list(live), list(reversed(live))] * builds
     for k, order in enumerate(passes[:builds]):
-        free_before = _free_bytes(dev)
+        used_before = _used_bytes(dev)
         for c, r in order:
             if r.error is not None:
                 continue
@@ -678,10 +691,10 @@ def timed_builds(
                     r.error = f"{type(exc).__name__}: {exc}"[:300]
                 else:
                     log(f"  {r.name}: build {k + 1} left out ({type(exc).__name__}: {exc})"[:300])
-        free_after = _free_bytes(dev)
-        if k + 1 < builds and free_before is not None and free_after is not None and free_after < free_before - free_after:
-            log(f"  build {k + 2} left out: {free_after / 2**30:.1f} GiB free after build {k + 1}, which took "
-                f"{(free_before - free_after) / 2**30:.1f}")
+        free, used = _free_bytes(dev), _used_bytes(dev)
+        took = None if used is None or used_before is None else used - used_before
+        if k + 1 < builds and free is not None and took is not None and free < took:
+            log(f"  build {k + 2} left out: {free / 2**30:.1f} GiB free after build {k + 1}, which took {took / 2**30:.1f}")
             break
     return instances
 

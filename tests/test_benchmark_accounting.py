@@ -136,10 +136,11 @@ def test_every_contender_is_timed_over_mirrored_builds_after_its_first_call(monk
 
 
 def test_a_second_build_that_would_not_fit_is_left_out(monkeypatch):
-    """The first timed builds took 60 of 100 free bytes: a second set would not fit beside them, so each
+    """The first timed builds took 60 bytes and left 40 free: a second set would not fit beside them, so each
     contender is timed on one build and the report says so."""
-    free = iter([100, 40])
-    monkeypatch.setattr(harness, "_free_bytes", lambda device: next(free))
+    used = iter([1000, 1060])
+    monkeypatch.setattr(harness, "_free_bytes", lambda device: 40)
+    monkeypatch.setattr(harness, "_used_bytes", lambda device: next(used))
     built: list[str] = []
 
     def make(params: list[torch.nn.Parameter]) -> harness.Stepper:
