@@ -617,18 +617,11 @@ def _first_call(
     try:
         # Inside the try: at 1e9 parameters on a GPU not every contender fits, and one that runs out of
         # memory is reported as such (keep fewer with --only).
-        params = make_params(shapes, dev, dtype, seed=0)
-        t0 = time.perf_counter()
-        s = c.make(params)
-        r.construct_s = time.perf_counter() - t0
+        s, params, r.construct_s = _build(c, shapes, dev, dtype)
         if s.numel is not None:
             r.numel = s.numel
         r.flops = s.flops
-        if s.refill:
-            s.refill()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            r.first_call_s = _timed(s.step, dev)
+        r.first_call_s = _first_step(s, dev)
         log(f"  [{workload}/{algo}] {c.name}: built {r.construct_s:.2f}s, first step {r.first_call_s:.2f}s")
         return True
     except Exception as exc:  # noqa: BLE001 - report and keep the others going
@@ -638,6 +631,26 @@ def _first_call(
     finally:
         params = s = None  # noqa: F841 - unreferenced, so that release_memory frees them before the next build
         release_memory(dev)
+
+
+def _build(
+    c: Contender, shapes: Sequence[tuple[str, Shape]], dev: torch.device, dtype: torch.dtype,
+) -> tuple[Stepper, list[torch.nn.Parameter], float]:
+    """``c`` built on fresh parameters, refilled for its first step; with the seconds ``c.make`` took."""
+    params = make_params(shapes, dev, dtype, seed=0)
+    t0 = time.perf_counter()
+    s = c.make(params)
+    seconds = time.perf_counter() - t0
+    if s.refill:
+        s.refill()
+    return s, params, seconds
+
+
+def _first_step(s: Stepper, dev: torch.device) -> float:
+    """Seconds of a build's first step (a compiled contender's compile, where it has not compiled yet)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _timed(s.step, dev)
 
 
 def _free_bytes(dev: torch.device) -> int | None:
@@ -669,20 +682,14 @@ def timed_builds(
 ) -> list[tuple[Result, tuple[Stepper, list[torch.nn.Parameter]]]]:
     """Each contender built ``builds`` times, forward then mirrored order, first step taken (warm)."""
     instances: list[tuple[Result, tuple[Stepper, list[torch.nn.Parameter]]]] = []
-    passes = [list(live), list(reversed(live))] * builds
-    for k, order in enumerate(passes[:builds]):
+    for k in range(builds):
         used_before = _used_bytes(dev)
-        for c, r in order:
+        for c, r in live if k % 2 == 0 else live[::-1]:
             if r.error is not None:
                 continue
             try:
-                params = make_params(shapes, dev, dtype, seed=0)
-                s = c.make(params)
-                if s.refill:
-                    s.refill()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    s.step()
+                s, params, _ = _build(c, shapes, dev, dtype)
+                _first_step(s, dev)
                 instances.append((r, (s, params)))
             except Exception as exc:  # noqa: BLE001 - a first build that fails is the contender's error
                 params = s = None  # noqa: F841 - unreferenced, so that release_memory frees them

@@ -6,6 +6,7 @@ its program (the graph with build-time conditions decided), its state tensors an
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Iterable, Mapping, Sequence
@@ -332,7 +333,7 @@ def build_buckets(
             tiled = tiles and len({p.shape for p in params}) > 1  # one shape: its (count, *shape) views serve
             tile = choose_tile([p.shape for p in params]) if tiled else 1
             flat = reusable.get((tuple(map(id, params)), tile)) or FlatBuffers(params, tile)
-            slots = iter(range(2, 2 + len(program.state_specs)))  # after the parameters' 0 and gradients' 1
+            slots = itertools.count(2)  # after the parameters' 0 and gradients' 1
             state = {key: _init_state(s, flat, next(slots) if s.kind is StateKind.ELEMENTWISE else 0)
                      for key, s in program.state_specs.items()}
             # One counter per group and device, shared by its buckets (they always step together): the scalar
